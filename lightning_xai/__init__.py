@@ -1,0 +1,3 @@
+"""lightning_xai: explainable AI as part of PyTorch Lightning training."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,218 @@
+"""The Attributor contract shared by every attribution method.
+
+An attributor is a *configured, model-independent* callable: it is built from its hyper-parameters alone (so a
+YAML file can name it before any model exists) and applied as ``attributor(model, inputs, target)``. It returns
+raw, signed attributions at input resolution, ``Tensor[B, 1, H, W]`` (or ``[B, C, H, W]`` for per-channel
+methods), detached, on the inputs' device.
+
+Every attributor keeps these promises (see ``shared/DESIGN.md``):
+
+* **No side effects.** The model is explained in eval mode; afterwards every submodule's ``training`` flag,
+  every parameter's ``requires_grad`` and ``.grad`` are exactly as before, and every hook the method installed
+  is removed - also when the method raises. Gradients are taken with :func:`torch.autograd.grad` with respect
+  to inputs or activations, never accumulated into parameters.
+* **Works anywhere.** Inside Lightning's ``no_grad`` (``trainer.fit`` validation) and ``inference_mode``
+  (``trainer.validate``) contexts: inputs are cloned inside ``torch.inference_mode(False)`` and
+  ``torch.enable_grad()``.
+* **Bounded memory.** Multi-step methods evaluate the model in chunks of ``batch_size`` inputs
+  (:func:`chunk_slices`), never all at once and never one at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+#: What to explain: a class index for the whole batch, a ``LongTensor[B]`` of class indices, or a callable
+#: mapping the model output to one score per sample (``output -> Tensor[B]``), e.g. ``lambda y: y[:, a] - y[:, b]``
+#: for "why a and not b".
+Target = Union[int, Tensor, Callable[[Tensor], Tensor]]
+
+__all__ = [
+    "Attributor",
+    "Target",
+    "chunk_slices",
+    "gradient_context",
+    "model_state_guard",
+    "select_scores",
+    "validate_image_batch",
+]
+
+
+def validate_target(target: Target, batch_size: int, num_outputs: int | None) -> None:
+    """Check ``target`` against the batch size and the number of model outputs; raise a clear error."""
+    if isinstance(target, bool):
+        raise TypeError(f"target must be an int, a LongTensor[B] or a callable, got bool {target!r}")
+    if isinstance(target, int):
+        if num_outputs is not None and not 0 <= target < num_outputs:
+            raise ValueError(
+                f"target class {target} is out of range: the model has {num_outputs} outputs "
+                f"(valid targets 0..{num_outputs - 1})"
+            )
+        return
+    if isinstance(target, Tensor):
+        if target.dtype in (torch.float16, torch.float32, torch.float64, torch.bfloat16) or target.is_complex():
+            raise TypeError(f"a target tensor must hold integer class indices, got dtype {target.dtype}")
+        if target.ndim == 0:
+            validate_target(int(target), batch_size, num_outputs)
+            return
+        if target.ndim != 1 or target.shape[0] != batch_size:
+            raise ValueError(
+                f"a target tensor must have shape [B] = [{batch_size}] (one class index per sample), "
+                f"got shape {list(target.shape)}"
+            )
+        if num_outputs is not None and target.numel() > 0:
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= num_outputs:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"target class {bad} is out of range: the model has {num_outputs} outputs "
+                    f"(valid targets 0..{num_outputs - 1})"
+                )
+        return
+    if callable(target):
+        return
+    raise TypeError(
+        f"target must be an int, a LongTensor[B] of class indices or a callable output -> Tensor[B], "
+        f"got {type(target).__name__}"
+    )
+
+
+def select_scores(output: Tensor, target: Target) -> Tensor:
+    """Reduce the model output to the one score per sample that is explained, ``Tensor[B]``.
+
+    ``output`` is the model's output ``[B, C]`` (or any shape, when ``target`` is a callable).
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"the model must return a Tensor (got {type(output).__name__}); wrap it, or pass a callable target "
+            "that maps its output to Tensor[B]"
+        )
+    batch = output.shape[0]
+    if callable(target):
+        scores = target(output)
+        if not isinstance(scores, Tensor) or scores.shape != (batch,):
+            shape = list(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"a callable target must return Tensor[B] = [{batch}], got {shape}")
+        return scores
+    if output.ndim != 2:
+        raise ValueError(
+            f"an int or tensor target needs a model output of shape [B, num_classes], got {list(output.shape)}; "
+            "use a callable target for other outputs"
+        )
+    validate_target(target, batch, output.shape[1])
+    if isinstance(target, Tensor) and target.ndim == 1:
+        return output.gather(1, target.to(output.device).long().view(-1, 1)).squeeze(1)
+    return output[:, int(target)]
+
+
+def validate_image_batch(inputs: Tensor, method: str, *, image: bool = True) -> None:
+    """Raise a clear error for inputs an attributor cannot explain (not a tensor, not floating, wrong rank)."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{method}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"{method}: inputs must be a floating-point tensor, got dtype {inputs.dtype}")
+    if image and inputs.ndim != 4:
+        raise ValueError(f"{method} explains image batches of shape [B, C, H, W]; got shape {list(inputs.shape)}")
+    if inputs.ndim < 2:
+        raise ValueError(f"{method}: inputs need a batch dimension, got shape {list(inputs.shape)}")
+    if inputs.shape[0] == 0:
+        raise ValueError(f"{method}: got an empty batch")
+
+
+@contextlib.contextmanager
+def gradient_context() -> Iterator[None]:
+    """Enable autograd even inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+@contextlib.contextmanager
+def model_state_guard(model: nn.Module, *, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the duration and restore every side effect afterwards.
+
+    Restored on exit (also on error): each submodule's ``training`` flag, each parameter's ``requires_grad``
+    and its ``.grad`` (the very same tensor object, or ``None``).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, req, grad in params:
+            if p.requires_grad != req:
+                p.requires_grad_(req)
+            if p.grad is not grad:
+                p.grad = grad
+
+
+def chunk_slices(total: int, batch_size: int) -> Iterator[slice]:
+    """Yield consecutive slices of at most ``batch_size`` over ``range(total)``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, total, batch_size):
+        yield slice(start, min(start + batch_size, total))
+
+
+def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
+    """Validate an integer hyper-parameter at construction time."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def input_gradient(scores: Tensor, inputs: Tensor, *, create_graph: bool = False) -> Tensor:
+    """``d sum(scores) / d inputs`` with a clear error when the score does not depend on the input."""
+    if not scores.requires_grad:
+        raise ValueError(
+            "the explained score does not depend differentiably on the input (the model has no gradient path "
+            "from input to output: is it detached, quantised or computed under torch.no_grad() inside forward?)"
+        )
+    (grad,) = torch.autograd.grad(scores.sum(), inputs, allow_unused=True, create_graph=create_graph)
+    if grad is None:
+        raise ValueError("the explained score does not depend on the input: there is no gradient path to it")
+    return grad
+
+
+class Attributor(abc.ABC):
+    """Base class of all attribution methods; subclasses implement :meth:`attribute`.
+
+    ``__call__`` validates the input, enters the no-side-effect context (eval mode, state restored, autograd
+    enabled even under ``no_grad`` / ``inference_mode``), clones the inputs into a fresh autograd leaf that
+    requires grad, and returns the detached result of :meth:`attribute`.
+    """
+
+    #: Registry name used by callbacks and YAML configs (``"saliency"``, ``"gradcam"``, ...).
+    name: str = ""
+    #: Whether the method needs 4-D image input ``[B, C, H, W]``.
+    requires_image: bool = False
+
+    def __call__(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
+        validate_image_batch(inputs, type(self).__name__, image=self.requires_image)
+        if not callable(target):
+            validate_target(target, inputs.shape[0], None)
+        with model_state_guard(model), gradient_context():
+            x = inputs.detach().clone().requires_grad_(True)
+            result = self.attribute(model, x, target)
+        return result.detach()
+
+    @abc.abstractmethod
+    def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
+        """Compute the attribution. Called in eval mode with autograd enabled and ``inputs`` a fresh leaf
+        that requires grad. Must remove its own hooks (use the context managers of
+        :mod:`lightning_xai.attribution.layers`) and must not write parameter gradients."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
