@@ -23,7 +23,6 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 #: What to explain: a class index for the whole batch, a ``LongTensor[B]`` of class indices, or a callable
 #: mapping the model output to one score per sample (``output -> Tensor[B]``), e.g. ``lambda y: y[:, a] - y[:, b]``
 #: for "why a and not b".
-Target = Union[int, Tensor, Callable[[Tensor], Tensor]]
+Target = int | Tensor | Callable[[Tensor], Tensor]
 
 __all__ = [
     "Attributor",

@@ -62,9 +62,7 @@ class LayerCapture:
     def activation(self) -> Tensor:
         """The output of the module's last call (see the module docstring)."""
         if not self.outputs:
-            raise ValueError(
-                f"layer {self.name!r} was not called in the forward pass; pick a layer the model uses"
-            )
+            raise ValueError(f"layer {self.name!r} was not called in the forward pass; pick a layer the model uses")
         return self.outputs[-1]
 
     def clear(self) -> None:
