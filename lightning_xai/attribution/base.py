@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import difflib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -33,8 +34,10 @@ from torch import Tensor, nn
 Target = int | Tensor | Callable[[Tensor], Tensor]
 
 __all__ = [
+    "ATTRIBUTORS",
     "Attributor",
     "Target",
+    "build_attributor",
     "chunk_slices",
     "gradient_context",
     "model_state_guard",
@@ -182,6 +185,30 @@ def input_gradient(scores: Tensor, inputs: Tensor, *, create_graph: bool = False
     return grad
 
 
+#: Every attributor class with a ``name``, by that name (filled in as the classes are defined).
+ATTRIBUTORS: dict[str, type[Attributor]] = {}
+
+
+def build_attributor(spec: Attributor | str | dict) -> Attributor:
+    """Build an attributor from an instance (returned as is), a registered name (``"gradcam"``, with default
+    arguments) or a dict ``{"name": "integrated_gradients", "steps": 32, ...}``."""
+    if isinstance(spec, Attributor):
+        return spec
+    kwargs: dict = {}
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        if "name" not in kwargs:
+            raise ValueError(f"an attributor dict needs a 'name' key, got keys {sorted(kwargs)}")
+        spec = kwargs.pop("name")
+    if not isinstance(spec, str):
+        raise TypeError(f"an attributor is given as an Attributor, a name or a dict, got {type(spec).__name__}")
+    key = spec.lower().replace("-", "_")
+    if key not in ATTRIBUTORS:
+        close = difflib.get_close_matches(key, list(ATTRIBUTORS), n=3, cutoff=0.4)
+        raise ValueError(f"unknown attributor {spec!r}; did you mean {close}? valid names: {sorted(ATTRIBUTORS)}")
+    return ATTRIBUTORS[key](**kwargs)
+
+
 class Attributor(abc.ABC):
     """Base class of all attribution methods; subclasses implement :meth:`attribute`.
 
@@ -190,10 +217,19 @@ class Attributor(abc.ABC):
     requires grad, and returns the detached result of :meth:`attribute`.
     """
 
-    #: Registry name used by callbacks and YAML configs (``"saliency"``, ``"gradcam"``, ...).
+    #: Registry name used by callbacks and YAML configs (``"saliency"``, ``"gradcam"``, ...). A subclass that
+    #: sets it is registered in :data:`ATTRIBUTORS` and can be built by name with :func:`build_attributor`.
     name: str = ""
     #: Whether the method needs 4-D image input ``[B, C, H, W]``.
     requires_image: bool = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name", "")
+        if name:
+            if name in ATTRIBUTORS and ATTRIBUTORS[name] is not cls:
+                raise RuntimeError(f"attributor name {name!r} is registered twice ({ATTRIBUTORS[name]} and {cls})")
+            ATTRIBUTORS[name] = cls
 
     def __call__(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
         if not isinstance(model, nn.Module):
