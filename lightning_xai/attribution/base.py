@@ -239,6 +239,8 @@ class Attributor(abc.ABC):
             validate_target(target, inputs.shape[0], None)
         with model_state_guard(model), gradient_context():
             x = inputs.detach().clone().requires_grad_(True)
+            if isinstance(target, Tensor):  # an inference-mode tensor cannot be saved for backward: copy it
+                target = target.detach().clone()
             result = self.attribute(model, x, target)
         return result.detach()
 
