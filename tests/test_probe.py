@@ -41,9 +41,9 @@ def test_shards_gather_back_in_probe_order(total, world):
 
 
 def test_split_sample_forms():
-    x, y, m = split_sample((torch.zeros(3), 2, torch.ones(1)))
+    _, y, m = split_sample((torch.zeros(3), 2, torch.ones(1)))
     assert y.item() == 2 and m is not None
-    x, y, m = split_sample({"image": torch.zeros(3), "label": torch.tensor(1)})
+    _, y, m = split_sample({"image": torch.zeros(3), "label": torch.tensor(1)})
     assert y.item() == 1 and m is None
     with pytest.raises(ValueError, match="cannot find the input"):
         split_sample({"pixels": torch.zeros(3)})
