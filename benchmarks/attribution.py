@@ -1,0 +1,181 @@
+"""Attribution cost, as ratios to one forward + input-gradient pass measured in the same run.
+
+    python benchmarks/attribution.py                 # resnet18 (random weights), batch 8 of 3x64x64, CPU
+    python benchmarks/attribution.py --quick         # fewer repeats
+    python benchmarks/attribution.py --memory        # also peak RSS per method (one subprocess each)
+    python benchmarks/attribution.py --peers         # also Captum / Zennit / pytorch-grad-cam if installed
+
+Columns: median wall time; ``ratio`` = time / (one forward + input-gradient pass); ``per unit`` = ratio divided
+by the method's number of model evaluations (IG steps, SmoothGrad samples, Score-CAM channels, occlusion
+windows, RISE masks), where the unit is a forward + backward (gradient methods) or a forward pass (perturbation
+methods, compared with a plain forward of the batch); ``target`` is the goal from the issues. Machines are
+noisy: quote ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torchvision
+
+from lightning_xai.attribution import ATTRIBUTORS, build_attributor
+
+
+@dataclass
+class Case:
+    label: str
+    spec: dict
+    #: "fwd_bwd" or "fwd": the cost of one unit of the method
+    unit: str = "fwd_bwd"
+    #: number of units the method runs (1 for single-pass methods)
+    units: float = 1.0
+    #: target on the per-unit ratio (None: no target)
+    target: float | None = None
+
+
+def cases(channels: int, windows: int) -> list[Case]:
+    return [
+        Case("Saliency", {"name": "saliency"}, target=1.1),
+        Case("InputXGradient", {"name": "input_x_gradient"}, target=1.1),
+        Case(
+            "IntegratedGradients (32 steps)",
+            {"name": "integrated_gradients", "steps": 32, "batch_size": 64},
+            units=32,
+            target=1.05,
+        ),
+        Case("SmoothGrad (16 samples)", {"name": "smoothgrad", "samples": 16, "batch_size": 64}, units=16, target=1.05),
+        Case("CAM", {"name": "cam"}, unit="fwd", target=None),
+        Case("GradCAM", {"name": "gradcam", "layer": "layer4"}, target=0.7),
+        Case("GradCAM++", {"name": "gradcam_plus_plus", "layer": "layer4"}, target=0.7),
+        Case("LayerCAM", {"name": "layercam", "layer": "layer4"}, target=0.7),
+        Case(
+            f"ScoreCAM ({channels} channels)",
+            {"name": "scorecam", "layer": "layer4", "batch_size": 64},
+            unit="fwd",
+            units=channels,
+            target=1.05,
+        ),
+        Case("Deconvnet", {"name": "deconvnet"}, target=1.1),
+        Case("GuidedBackprop", {"name": "guided_backprop"}, target=1.1),
+        Case("GuidedGradCAM", {"name": "guided_gradcam", "layer": "layer4"}, target=None),
+        Case("LRP epsilon-plus", {"name": "lrp", "composite": "epsilon_plus"}, target=2.0),
+        Case(
+            f"Occlusion ({windows} windows)",
+            {"name": "occlusion", "window": 16, "stride": 8, "batch_size": 64},
+            unit="fwd",
+            units=windows,
+            target=1.05,
+        ),
+        Case(
+            "RISE (256 masks)", {"name": "rise", "n_masks": 256, "batch_size": 64}, unit="fwd", units=256, target=1.05
+        ),
+    ]
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_setup(batch: int, size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.rand(batch, 3, size, size)
+    target = torch.arange(batch) % 10
+    return model, x, target
+
+
+def reference_passes(model, x, target, repeats: int) -> tuple[float, float]:
+    def fwd_bwd():
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        torch.autograd.grad(out.gather(1, target.view(-1, 1)).sum(), xi)
+
+    def fwd():
+        with torch.no_grad():
+            model(x)
+
+    return median_time(fwd_bwd, repeats), median_time(fwd, repeats)
+
+
+def peak_rss_mb(spec: dict, batch: int, size: int) -> float:
+    """Peak resident memory (MB) of a fresh process that runs the method once (includes torch's own ~MBs)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        f"import json,resource,sys,torch; sys.path.insert(0, {root!r});"
+        "from benchmarks.attribution import build_setup;"
+        "import lightning_xai.attribution as a;"
+        f"m,x,t=build_setup({batch},{size}); a.build_attributor(json.loads({json.dumps(spec)!r}))(m,x,t);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument("--memory", action="store_true", help="peak RSS per method (a subprocess each)")
+    parser.add_argument("--peers", action="store_true", help="time Captum / Zennit / pytorch-grad-cam if installed")
+    parser.add_argument("--only", nargs="*", default=None, help="registry names to run")
+    args = parser.parse_args(argv)
+    repeats = 2 if args.quick else args.repeats
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, x, target = build_setup(args.batch, args.size)
+    channels = model.fc.in_features
+    feature = args.size // 32
+    windows = ((args.size - 16) // 8 + 1) ** 2
+    t_fb, t_f = reference_passes(model, x, target, repeats)
+    print(
+        f"resnet18 (random weights), batch {args.batch} of 3x{args.size}x{args.size}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}; layer4 is {channels}x{feature}x{feature}"
+    )
+    print(
+        f"reference: forward + input-gradient {t_fb * 1e3:.1f} ms, forward {t_f * 1e3:.1f} ms "
+        f"(forward/fwd+bwd = {t_f / t_fb:.2f})\n"
+    )
+    header = f"| {'method':34s} | {'time ms':>9s} | {'ratio':>7s} | {'per unit':>8s} | {'target':>6s} | {'ok':3s} |"
+    if args.memory:
+        header += " peak RSS MB |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for case in cases(channels, windows):
+        if case.spec["name"] not in ATTRIBUTORS or (args.only and case.spec["name"] not in args.only):
+            continue
+        attributor = build_attributor(dict(case.spec))
+        t = median_time(lambda a=attributor: a(model, x, target), repeats)
+        ratio = t / t_fb
+        unit_cost = t_fb if case.unit == "fwd_bwd" else t_f
+        per_unit = t / (unit_cost * case.units)
+        ok = "" if case.target is None else ("yes" if per_unit <= case.target else "NO")
+        tgt = "" if case.target is None else f"{case.target:.2f}"
+        row = f"| {case.label:34s} | {t * 1e3:9.1f} | {ratio:7.2f} | {per_unit:8.3f} | {tgt:>6s} | {ok:3s} |"
+        if args.memory:
+            row += f" {peak_rss_mb(case.spec, args.batch, args.size):11.0f} |"
+        print(row, flush=True)
+    if args.peers:
+        from benchmarks.peers import run_peers
+
+        run_peers(model, x, target, t_fb, repeats)
+
+
+if __name__ == "__main__":
+    main()
