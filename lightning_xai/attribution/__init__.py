@@ -1,14 +1,27 @@
 """Attribution: what in the input drove one decision. Pure torch, no Lightning import.
 
-Every method is an :class:`Attributor`: ``method(model, inputs, target) -> Tensor`` (see ``base.py``).
+Every method is an :class:`Attributor`: ``method(model, inputs, target) -> Tensor`` (see ``base.py``), and can
+be built by its registered name with :func:`build_attributor` (``"gradcam"``, ``{"name": "integrated_gradients",
+"steps": 64}``).
 """
 
 from lightning_xai.attribution.base import ATTRIBUTORS, Attributor, Target, build_attributor
+from lightning_xai.attribution.cam import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
 
 __all__ = [
     "ATTRIBUTORS",
+    "CAM",
     "Attributor",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "InputXGradient",
+    "IntegratedGradients",
+    "LayerCAM",
+    "Saliency",
+    "ScoreCAM",
+    "SmoothGrad",
     "Target",
     "build_attributor",
     "capture_layer",

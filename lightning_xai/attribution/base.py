@@ -24,6 +24,7 @@ import abc
 import contextlib
 import difflib
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,8 @@ from torch import Tensor, nn
 #: mapping the model output to one score per sample (``output -> Tensor[B]``), e.g. ``lambda y: y[:, a] - y[:, b]``
 #: for "why a and not b".
 Target = int | Tensor | Callable[[Tensor], Tensor]
+
+_T = TypeVar("_T")
 
 __all__ = [
     "ATTRIBUTORS",
@@ -232,6 +235,16 @@ class Attributor(abc.ABC):
             ATTRIBUTORS[name] = cls
 
     def __call__(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
+        return self.run_in_context(model, inputs, target, self.attribute).detach()
+
+    def run_in_context(
+        self, model: nn.Module, inputs: Tensor, target: Target, fn: Callable[[nn.Module, Tensor, Target], _T]
+    ) -> _T:
+        """Run ``fn(model, inputs_leaf, target)`` with the checks and the no-side-effect context of ``__call__``.
+
+        For public methods that return more than one tensor (e.g. ``IntegratedGradients.attribute_with_gap``);
+        such callers detach their results themselves.
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
         validate_image_batch(inputs, type(self).__name__, image=self.requires_image)
@@ -241,8 +254,7 @@ class Attributor(abc.ABC):
             x = inputs.detach().clone().requires_grad_(True)
             if isinstance(target, Tensor):  # an inference-mode tensor cannot be saved for backward: copy it
                 target = target.detach().clone()
-            result = self.attribute(model, x, target)
-        return result.detach()
+            return fn(model, x, target)
 
     @abc.abstractmethod
     def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
