@@ -122,6 +122,8 @@ class ExplanationMonitor(Callback):
         self.errors: dict[str, str] = {}
         #: Files written on rank zero in the last logged epoch (for messages and tests).
         self.last_outputs: list[str] = []
+        #: method -> drift of the last explained epoch (logged as ``<log_key>/drift/<method>``).
+        self.last_drift: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -151,6 +153,8 @@ class ExplanationMonitor(Callback):
             return
         try:
             self.explain(trainer, pl_module)
+            for name, value in self.last_drift.items():
+                pl_module.log(f"{self.log_key}/drift/{name}", value, on_epoch=True, sync_dist=False)
         except Exception as err:
             if self.on_error == "raise":
                 raise
@@ -179,7 +183,8 @@ class ExplanationMonitor(Callback):
         return torch.full((logits.shape[0],), int(self.target), dtype=torch.long, device=logits.device)
 
     def explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Explain the probe set now; returns the gathered maps per method (identical on every rank)."""
+        """Explain the probe set now and log the grid (rank zero); returns the gathered maps per method (identical
+        on every rank). Usable outside the Trainer loop; the drift metric is logged by the epoch-end hook."""
         # Lightning's `trainer.validate` runs under inference_mode: tensors made there cannot enter autograd.
         with torch.inference_mode(False):
             return self._explain(trainer, pl_module)
@@ -226,9 +231,7 @@ class ExplanationMonitor(Callback):
         labels = None if probe.labels is None else ProbeSet.gather(probe.labels, total, gather, world).cpu()
 
         epoch = trainer.current_epoch
-        drifts = self._update_drift(maps, epoch)
-        for name, value in drifts.items():
-            pl_module.log(f"{self.log_key}/drift/{name}", value, on_epoch=True, sync_dist=False)
+        self.last_drift = self._update_drift(maps, epoch)
         if trainer.is_global_zero and maps:
             self._log(trainer, images, maps, labels, preds, epoch)
         return maps
