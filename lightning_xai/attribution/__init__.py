@@ -8,23 +8,44 @@ be built by its registered name with :func:`build_attributor` (``"gradcam"``, ``
 from lightning_xai.attribution.base import ATTRIBUTORS, Attributor, Target, build_attributor
 from lightning_xai.attribution.cam import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
+from lightning_xai.attribution.guided import Deconvnet, GuidedBackprop, GuidedGradCAM
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
+from lightning_xai.attribution.perturbation import (
+    LIME,
+    RISE,
+    KernelSHAP,
+    MeaningfulPerturbation,
+    Occlusion,
+    PredictionDifference,
+)
+from lightning_xai.attribution.targets import ContrastiveTarget, contrastive_target
 
 __all__ = [
     "ATTRIBUTORS",
     "CAM",
+    "LIME",
+    "RISE",
     "Attributor",
+    "ContrastiveTarget",
+    "Deconvnet",
     "GradCAM",
     "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "InputXGradient",
     "IntegratedGradients",
+    "KernelSHAP",
     "LayerCAM",
+    "MeaningfulPerturbation",
+    "Occlusion",
+    "PredictionDifference",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",
     "Target",
     "build_attributor",
     "capture_layer",
+    "contrastive_target",
     "default_layer",
     "resolve_layer",
 ]
