@@ -10,6 +10,7 @@ from lightning_xai.attribution.cam import CAM, GradCAM, GradCAMPlusPlus, LayerCA
 from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from lightning_xai.attribution.guided import Deconvnet, GuidedBackprop, GuidedGradCAM
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
+from lightning_xai.attribution.lrp import LRP
 from lightning_xai.attribution.perturbation import (
     LIME,
     RISE,
@@ -24,6 +25,7 @@ __all__ = [
     "ATTRIBUTORS",
     "CAM",
     "LIME",
+    "LRP",
     "RISE",
     "Attributor",
     "ContrastiveTarget",
