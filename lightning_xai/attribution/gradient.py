@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import (
@@ -29,6 +28,7 @@ from lightning_xai.attribution.base import (
     input_gradient,
     select_scores,
 )
+from lightning_xai.attribution.filters import gaussian_blur
 
 __all__ = ["InputXGradient", "IntegratedGradients", "Saliency", "SmoothGrad"]
 
@@ -84,25 +84,6 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 def _per_sample(values: Tensor, ndim: int) -> Tensor:
     """Reshape ``values[N]`` to ``[N, 1, ..., 1]`` so that it broadcasts over samples of rank ``ndim``."""
     return values.view(-1, *([1] * (ndim - 1)))
-
-
-def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of ``[B, C, H, W]`` images with standard deviation ``sigma`` pixels.
-
-    Separable (a row pass and a column pass of a depthwise 1-D convolution), kernel truncated at
-    ``round(3 sigma)`` pixels and normalised to sum 1, borders extended by replicating the edge pixels (the
-    ``"nearest"`` mode of ``scipy.ndimage.gaussian_filter`` with ``truncate=3``).
-    """
-    radius = int(3.0 * sigma + 0.5)
-    if radius == 0:
-        return images.clone()
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(device=images.device, dtype=images.dtype)
-    channels = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +242,7 @@ class IntegratedGradients(Attributor):
                     "use 'zeros', a number or a tensor baseline"
                 )
             with torch.no_grad():
-                return _gaussian_blur(x, self.blur_sigma)
+                return gaussian_blur(x, self.blur_sigma)
         return torch.full_like(x, self.baseline)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:

@@ -45,6 +45,7 @@ from lightning_xai.attribution.base import (
     validate_image_batch,
     validate_target,
 )
+from lightning_xai.attribution.filters import gaussian_blur
 from lightning_xai.attribution.segmentation import Segmentation
 
 __all__ = [
@@ -132,26 +133,6 @@ def _check_fits(method: str, what: str, size: tuple[int, int], height: int, widt
 # --------------------------------------------------------------------------------------------------------------
 # shared building blocks
 # --------------------------------------------------------------------------------------------------------------
-
-
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur of ``images [B, C, H, W]`` per channel, with standard deviation ``sigma`` pixels.
-
-    Separable convolution with a normalised kernel of radius ``int(3 * sigma + 0.5)`` and replicated borders
-    (the same filter as ``scipy.ndimage.gaussian_filter(..., mode="nearest", truncate=3)``). ``sigma=0``
-    returns a copy.
-    """
-    if sigma <= 0:
-        return images.clone()
-    radius = int(3.0 * sigma + 0.5)
-    t = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(images.dtype)
-    channels = images.shape[1]
-    out = F.pad(images, (radius, radius, 0, 0), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 def _fill_images(images: Tensor, fill: float | str, sigma: float) -> Tensor:
