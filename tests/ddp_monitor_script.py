@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lightning_helpers import BlobData, TinyClassifier
 
-from lightning_xai.callbacks import ExplanationMonitor
+from lightning_xai.callbacks import ExplanationMonitor, ExplanationQuality, SanityCheck
 
 
 def main() -> None:
@@ -31,6 +31,14 @@ def main() -> None:
         png_dir=os.path.join(out, "png"),
         on_error="raise",
     )
+    quality = ExplanationQuality(
+        ["saliency", {"name": "gradcam", "layer": "features"}],
+        metrics=["deletion_auc", "mask_iou", "relevance_mass"],
+        metric_kwargs={"deletion_auc": {"steps": 8}},
+        num_samples=7,
+        on_error="raise",
+    )
+    sanity = SanityCheck(["saliency"], num_samples=5, every_n_epochs=1, on_error="raise")
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -38,7 +46,7 @@ def main() -> None:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[monitor],
+        callbacks=[monitor, quality, sanity],
     )
     trainer.validate(model, datamodule=BlobData(), verbose=False)
     maps = monitor._previous_maps
@@ -49,6 +57,8 @@ def main() -> None:
             k: float((v.abs() * torch.arange(1, v.shape[0] + 1).view(-1, 1, 1, 1)).sum()) for k, v in maps.items()
         },
         "shapes": {k: list(v.shape) for k, v in maps.items()},
+        "quality": quality.history[-1][1],
+        "sanity_curve": sanity.results["saliency"]["curve"],
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:

@@ -150,6 +150,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
+    """ExplanationMonitor, ExplanationQuality and SanityCheck over 2 CPU processes equal one process."""
     script = os.path.join(os.path.dirname(__file__), "ddp_monitor_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     results = {}
@@ -165,5 +166,9 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert rank_result["probe_indices"] == single["probe_indices"]
         for method, value in single["checksums"].items():
             assert abs(rank_result["checksums"][method] - value) <= 1e-4 * max(1.0, abs(value)), method
+        for key, value in single["quality"].items():
+            assert rank_result["quality"][key] == pytest.approx(value, abs=1e-5), key
+        assert rank_result["sanity_curve"] == pytest.approx(single["sanity_curve"], abs=1e-6, nan_ok=True)
+    assert len(single["quality"]) == 6
     pngs = glob.glob(str(tmp_path / "out2" / "png" / "*.png"))
     assert len(pngs) == 1, "rank zero logs once per epoch"
