@@ -1,15 +1,20 @@
 """Thin Lightning adapters: pick probe data, call the layers below, gather across ranks, log."""
 
 from lightning_xai.callbacks.explanation_monitor import ExplanationMonitor
+from lightning_xai.callbacks.interpretation import ClassPrototypes, EmbeddingProjector, RelevantUnits, TCAVScores
 from lightning_xai.callbacks.probe import ProbeBatch, ProbeSet, split_sample
 from lightning_xai.callbacks.quality import QUALITY_METRICS, ExplanationQuality, SanityCheck
 
 __all__ = [
     "QUALITY_METRICS",
+    "ClassPrototypes",
+    "EmbeddingProjector",
     "ExplanationMonitor",
     "ExplanationQuality",
     "ProbeBatch",
     "ProbeSet",
+    "RelevantUnits",
     "SanityCheck",
+    "TCAVScores",
     "split_sample",
 ]

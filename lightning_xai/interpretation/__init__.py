@@ -1,0 +1,41 @@
+"""Interpretation: what the model learned (pure torch, no Lightning import).
+
+TCAV concept sensitivity, relevant units, activation maximisation and example ranking, embeddings.
+"""
+
+from lightning_xai.interpretation.embedding import Embedding, embed_layer, layer_features, project_features
+from lightning_xai.interpretation.relevant_units import (
+    AblationReport,
+    RelevantUnitAnalysis,
+    RelevantUnitsResult,
+    ablate_units,
+    constrained_lasso,
+    project_l1_ball,
+    receptive_field,
+    unit_ablation,
+)
+from lightning_xai.interpretation.tcav import TCAV, TCAVResult, directional_derivatives, train_cav, welch_t_test
+from lightning_xai.interpretation.visualization import ActivationMaximization, rank_examples, total_variation
+
+__all__ = [
+    "TCAV",
+    "AblationReport",
+    "ActivationMaximization",
+    "Embedding",
+    "RelevantUnitAnalysis",
+    "RelevantUnitsResult",
+    "TCAVResult",
+    "ablate_units",
+    "constrained_lasso",
+    "directional_derivatives",
+    "embed_layer",
+    "layer_features",
+    "project_features",
+    "project_l1_ball",
+    "rank_examples",
+    "receptive_field",
+    "total_variation",
+    "train_cav",
+    "unit_ablation",
+    "welch_t_test",
+]
