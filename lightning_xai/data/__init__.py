@@ -1,0 +1,25 @@
+"""Datasets with ground truth and LightningDataModules (generated or bundled: nothing is downloaded)."""
+
+from lightning_xai.data.base import InMemoryDataModule, derive_seeds
+from lightning_xai.data.concepts import (
+    CONCEPT_CATEGORIES,
+    CONCEPT_NAMES,
+    ConceptDataModule,
+    ConceptScenes,
+    class_from_concepts,
+)
+from lightning_xai.data.digits import DigitsDataModule
+from lightning_xai.data.groundtruth import GroundTruthDataModule, GroundTruthShapes
+
+__all__ = [
+    "CONCEPT_CATEGORIES",
+    "CONCEPT_NAMES",
+    "ConceptDataModule",
+    "ConceptScenes",
+    "DigitsDataModule",
+    "GroundTruthDataModule",
+    "GroundTruthShapes",
+    "InMemoryDataModule",
+    "class_from_concepts",
+    "derive_seeds",
+]
