@@ -1,9 +1,13 @@
 """Interpretation: what the model learned (pure torch, no Lightning import).
 
-TCAV concept sensitivity, relevant units, activation maximisation and example ranking, embeddings.
+Network dissection and compositional explanations, TCAV concept sensitivity, relevant units, activation
+maximisation and example ranking, embeddings.
 """
 
+from lightning_xai.interpretation.compositional import Formula, compositional_search
+from lightning_xai.interpretation.dissection import DissectionResult, NetworkDissection, dissect
 from lightning_xai.interpretation.embedding import Embedding, embed_layer, layer_features, project_features
+from lightning_xai.interpretation.quantiles import DistributedReducer, QuantileSketch, Reducer
 from lightning_xai.interpretation.relevant_units import (
     AblationReport,
     RelevantUnitAnalysis,
@@ -21,13 +25,21 @@ __all__ = [
     "TCAV",
     "AblationReport",
     "ActivationMaximization",
+    "DissectionResult",
+    "DistributedReducer",
     "Embedding",
+    "Formula",
+    "NetworkDissection",
+    "QuantileSketch",
+    "Reducer",
     "RelevantUnitAnalysis",
     "RelevantUnitsResult",
     "TCAVResult",
     "ablate_units",
+    "compositional_search",
     "constrained_lasso",
     "directional_derivatives",
+    "dissect",
     "embed_layer",
     "layer_features",
     "project_features",

@@ -1,0 +1,760 @@
+"""Network dissection: which units of a layer detect which human concepts (Bau et al., CVPR 2017).
+
+Bau, Zhou, Khosla, Oliva and Torralba, "Network Dissection: Quantifying Interpretability of Deep Visual
+Representations", CVPR 2017. For every unit ``k`` of a convolutional layer and every concept ``c`` of a probe
+set with pixel-level concept masks:
+
+1. **Threshold.** ``T_k`` is the top-``quantile`` value (default 0.005: the 99.5th percentile) of the unit's
+   activations over all spatial positions of all probe images, at the layer's own resolution. It is estimated in
+   one streaming pass with a :class:`~lightning_xai.interpretation.quantiles.QuantileSketch` (fixed memory, a
+   certified rank-error bound reported per unit, exact merging across processes).
+2. **Masks.** In a second pass each activation map is upsampled bilinearly (``align_corners=False``, see
+   :func:`upsample_bilinear`) to the concept masks' size and binarised: ``M_k(x) = upsample(A_k(x)) > T_k``
+   (strictly greater). Maps whose maximum stays below ``T_k`` have empty masks and are not upsampled at all.
+3. **IoU.** ``IoU(k, c) = sum_x |M_k(x) & L_c(x)| / sum_x |M_k(x) | L_c(x)|``, both sums over **all** probe
+   images ``x``. Images where the concept is absent count: there the union is ``|M_k(x)|``, so a unit that also
+   fires elsewhere is penalised (Bau et al. restrict the sums to images where the concept's *category* is
+   annotated; the concept datasets here annotate every concept in every image). A pair with an empty union has
+   IoU 0.
+4. **Labels.** Each unit's label is its best concept overall (and per category); the unit is a **detector** if
+   that IoU exceeds ``iou_threshold`` (default 0.04, as in the paper). The number of *unique detectors* of a
+   category is the number of distinct concepts of that category that label at least one detector.
+
+The activations are captured with :func:`~lightning_xai.attribution.layers.capture_layer` in eval mode under
+``no_grad``; the model's modes, parameters, gradients and hooks are restored afterwards (also on error). By
+default the forward pass stops right after the layer, and the layer's activations are kept for the second pass
+while they fit in ``cache_bytes`` (else the second pass recomputes them), so dissection costs about one forward
+pass up to the layer, plus the upsampling and counting.
+
+**Data.** ``data`` is any re-iterable of batches (a ``DataLoader`` without shuffling, a list): ``(images,
+concept_masks)``, ``(images, concept_masks, indices)`` or a dict with keys ``"image"``, ``"concept_masks"`` and
+optionally ``"index"``. ``concept_masks`` is ``[B, C, H, W]`` (bool, or any dtype with nonzero = present);
+``indices`` are the images' dataset indices, reported for each unit's top-activating images (default: the
+running position in ``data``; required under ``torch.distributed``).
+
+**Distributed.** Shard the probe set over processes and call the dissection on every process: sketches and
+counts are reduced with a :class:`~lightning_xai.interpretation.quantiles.Reducer` (``torch.distributed`` when
+initialised), and every process gets the result of the whole probe set, equal to a single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.interpretation.compositional import CompositionalExplanation, compositional_search
+from lightning_xai.interpretation.quantiles import QuantileSketch, Reducer, default_reducer
+from lightning_xai.viz.render import overlay
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "DissectionResult",
+    "NetworkDissection",
+    "categories_from_names",
+    "dissect",
+    "upsample_bilinear",
+]
+
+#: Columns of :meth:`DissectionResult.rows`.
+TABLE_COLUMNS = ("unit", "concept", "category", "iou", "detector")
+
+_IMAGE_KEYS = ("image", "images", "input", "inputs", "x")
+_MASK_KEYS = ("concept_masks", "concept_mask", "masks", "mask")
+_INDEX_KEYS = ("index", "indices", "idx")
+
+
+def categories_from_names(concept_names: Sequence[str]) -> dict[str, list[int]]:
+    """Group concepts named ``"category:value"`` by category; a name without ``":"`` is in category
+    ``"concept"``. Categories are in order of first appearance."""
+    categories: dict[str, list[int]] = {}
+    for i, name in enumerate(concept_names):
+        category = name.split(":", 1)[0] if ":" in name else "concept"
+        categories.setdefault(category, []).append(i)
+    return categories
+
+
+def _concept_categories(concept_names: Sequence[str], categories: Mapping[str, Sequence[int]] | None) -> list[str]:
+    """The category of every concept; every concept must belong to exactly one category."""
+    if categories is None:
+        categories = categories_from_names(concept_names)
+    num = len(concept_names)
+    owner: list[str | None] = [None] * num
+    for category, members in categories.items():
+        for i in members:
+            if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= int(i) < num:
+                raise ValueError(f"category {category!r} lists concept index {i!r}; valid indices are 0..{num - 1}")
+            if owner[int(i)] is not None:
+                raise ValueError(
+                    f"concept {concept_names[int(i)]!r} is in two categories: {owner[int(i)]!r}, {category!r}"
+                )
+            owner[int(i)] = str(category)
+    missing = [concept_names[i] for i, o in enumerate(owner) if o is None]
+    if missing:
+        raise ValueError(f"every concept needs a category; these have none: {missing[:10]}")
+    return [str(o) for o in owner]
+
+
+# ------------------------------------------------------------------------------------------------------ results
+@dataclass
+class DissectionResult:
+    """Everything network dissection measured for one layer (identical on every process).
+
+    Counts are in pixels of the concept masks, summed over the probe set.
+    """
+
+    layer: str
+    concept_names: list[str]
+    #: category of each concept
+    concept_categories: list[str]
+    quantile: float
+    iou_threshold: float
+    #: ``T_k``, ``Tensor[U]``
+    thresholds: Tensor
+    #: certified bound on the rank error of each ``T_k`` (a fraction of the unit's values), ``Tensor[U]``
+    threshold_rank_error: Tensor
+    #: ``sum_x |M_k & L_c|``, ``LongTensor[U, C]``
+    intersection: Tensor
+    #: ``sum_x |M_k|``, ``LongTensor[U]``
+    unit_area: Tensor
+    #: ``sum_x |L_c|``, ``LongTensor[C]``
+    concept_area: Tensor
+    num_images: int
+    #: dataset indices of each unit's top-activating images (by the maximum of its map), best first; -1 = none
+    top_indices: Tensor
+    #: those maxima, ``Tensor[U, top_k]``
+    top_scores: Tensor
+
+    @property
+    def num_units(self) -> int:
+        return int(self.thresholds.shape[0])
+
+    @property
+    def categories(self) -> dict[str, list[int]]:
+        """category -> concept indices, in order of first appearance."""
+        out: dict[str, list[int]] = {}
+        for i, category in enumerate(self.concept_categories):
+            out.setdefault(category, []).append(i)
+        return out
+
+    @property
+    def iou(self) -> Tensor:
+        """``IoU(k, c)``, ``DoubleTensor[U, C]`` (0 where the union is empty)."""
+        union = self.unit_area[:, None] + self.concept_area[None, :] - self.intersection
+        return torch.where(union > 0, self.intersection.double() / union.clamp_min(1).double(), 0.0)
+
+    def best(self, category: str | None = None) -> tuple[Tensor, Tensor]:
+        """Each unit's best concept (overall, or within ``category``): ``(concept index [U], IoU [U])``."""
+        iou = self.iou
+        if category is None:
+            columns = torch.arange(len(self.concept_names))
+        else:
+            if category not in self.categories:
+                raise ValueError(f"unknown category {category!r}; valid categories: {list(self.categories)}")
+            columns = torch.tensor(self.categories[category])
+        values, where = iou[:, columns].max(dim=1)
+        return columns[where], values
+
+    def best_per_category(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """category -> each unit's best concept in it and its IoU."""
+        return {category: self.best(category) for category in self.categories}
+
+    @property
+    def detectors(self) -> Tensor:
+        """``BoolTensor[U]``: the unit's best IoU exceeds ``iou_threshold``."""
+        return self.best()[1] > self.iou_threshold
+
+    @property
+    def num_detectors(self) -> int:
+        return int(self.detectors.sum())
+
+    def units_per_concept(self) -> dict[str, int]:
+        """Histogram: concept -> number of detector units labelled with it (concepts without detectors left out),
+        most frequent first."""
+        concept, _ = self.best()
+        counts: dict[str, int] = {}
+        for k in torch.nonzero(self.detectors).flatten().tolist():
+            name = self.concept_names[int(concept[k])]
+            counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+    def unique_detectors_per_category(self) -> dict[str, int]:
+        """category -> number of distinct concepts of the category that label at least one detector unit."""
+        concept, _ = self.best()
+        detected = {int(concept[k]) for k in torch.nonzero(self.detectors).flatten().tolist()}
+        return {cat: sum(1 for c in members if c in detected) for cat, members in self.categories.items()}
+
+    def detector_units_per_category(self) -> dict[str, int]:
+        """category -> number of detector units whose label belongs to the category."""
+        concept, _ = self.best()
+        counts = dict.fromkeys(self.categories, 0)
+        for k in torch.nonzero(self.detectors).flatten().tolist():
+            counts[self.concept_categories[int(concept[k])]] += 1
+        return counts
+
+    def rows(self, only_detectors: bool = False) -> list[list[Any]]:
+        """One row per unit, ``[unit, concept, category, iou, detector]`` (see :data:`TABLE_COLUMNS`), sorted by
+        IoU, best first."""
+        concept, iou = self.best()
+        detectors = self.detectors
+        order = sorted(range(self.num_units), key=lambda k: (-float(iou[k]), k))
+        rows = []
+        for k in order:
+            if only_detectors and not bool(detectors[k]):
+                continue
+            c = int(concept[k])
+            rows.append([k, self.concept_names[c], self.concept_categories[c], float(iou[k]), bool(detectors[k])])
+        return rows
+
+    def summary(self) -> str:
+        unique = ", ".join(f"{cat}: {n}" for cat, n in self.unique_detectors_per_category().items())
+        return (
+            f"layer {self.layer!r}: {self.num_detectors}/{self.num_units} detector units (IoU > "
+            f"{self.iou_threshold}) over {self.num_images} images; unique detectors per category: {unique}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+class _StopForward(BaseException):
+    """Raised by a hook to end the forward pass once the dissected layer has produced its output. A
+    ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
+
+
+def _read_batch(item: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    if isinstance(item, Mapping):
+        images = next((item[k] for k in _IMAGE_KEYS if k in item), None)
+        masks = next((item[k] for k in _MASK_KEYS if k in item), None)
+        indices = next((item[k] for k in _INDEX_KEYS if k in item), None)
+        if images is None or masks is None:
+            raise ValueError(
+                f"a batch dict needs an image key {_IMAGE_KEYS} and a concept-mask key {_MASK_KEYS}; got {sorted(item)}"
+            )
+    elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) in (2, 3):
+        images, masks = item[0], item[1]
+        indices = item[2] if len(item) == 3 else None
+    else:
+        raise TypeError(
+            "each batch must be (images, concept_masks), (images, concept_masks, indices) or a dict with 'image' "
+            f"and 'concept_masks'; got {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, Sequence) else "")
+        )
+    if not isinstance(images, Tensor) or not images.is_floating_point() or images.ndim < 2:
+        raise TypeError(f"images must be a floating-point tensor [B, ...], got {getattr(images, 'dtype', images)!r}")
+    if not isinstance(masks, Tensor) or masks.ndim != 4 or masks.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"concept masks must be a tensor [B, C, H, W] with B = {images.shape[0]}, "
+            f"got {list(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__}"
+        )
+    if indices is not None:
+        indices = torch.as_tensor(indices).reshape(-1).long()
+        if indices.shape[0] != images.shape[0]:
+            raise ValueError(f"got {indices.shape[0]} indices for a batch of {images.shape[0]} images")
+    return images, masks, indices
+
+
+def _check_reiterable(data: Any) -> None:
+    if isinstance(data, Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a re-iterable of batches (a DataLoader without shuffling, a list of (images, masks)); "
+            f"got {type(data).__name__}"
+        )
+    if isinstance(data, Iterator):  # a generator or iterator: it would be empty the second time
+        raise TypeError("data is a one-shot iterator, but dissection reads it twice; pass a DataLoader or a list")
+
+
+def _select_top(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top ``k`` per row by score, ties to the smaller index (independent of the candidates' order)."""
+    by_index = torch.argsort(indices, dim=1, stable=True)
+    scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
+    by_score = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, by_score), indices.gather(1, by_score)
+
+
+#: Relative rounding slack of :func:`upsample_bilinear` (a few float32 ulps of the map's largest magnitude).
+_ROUNDING_MARGIN = 1e-6
+
+
+def upsample_bilinear(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``maps [..., h, w]`` to ``size`` with ``align_corners=False`` semantics (the
+    convention of :func:`torch.nn.functional.interpolate`), computed with elementwise operations only.
+
+    Unlike ``F.interpolate``, whose CPU kernels round differently depending on the layout and the number of
+    channels, every output value here depends only on its own map: a unit's mask does not change with the batch
+    it is computed in, which keeps distributed results identical to single-process ones. Agrees with
+    ``F.interpolate`` to float32 rounding.
+    """
+    height, width = maps.shape[-2:]
+    rows = _linear_weights(height, size[0], maps.device)
+    cols = _linear_weights(width, size[1], maps.device)
+    (x0, x1, wx0, wx1), (y0, y1, wy0, wy1) = cols, rows
+    across = maps.index_select(-1, x0).mul_(wx0).add_(maps.index_select(-1, x1).mul_(wx1))  # [..., h, W]
+    return across.index_select(-2, y0).mul_(wy0[:, None]).add_(across.index_select(-2, y1).mul_(wy1[:, None]))
+
+
+def _linear_weights(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Source indices and weights of 1-D linear interpolation, ``align_corners=False``."""
+    scale = n_in / n_out
+    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
+    low = source.floor().long().clamp_max(n_in - 1)
+    high = (low + 1).clamp_max(n_in - 1)
+    w_high = (source - low.double()).float()
+    w_low = 1.0 - w_high
+    return low.to(device), high.to(device), w_low.to(device), w_high.to(device)
+
+
+def _agree(reducer: Reducer, error: BaseException | None, stage: str) -> None:
+    """Collective check that every process finished ``stage``; re-raise the local error or report a remote one.
+
+    Keeps processes from waiting forever in a collective that a failed process never reaches."""
+    ok = reducer(torch.tensor([0 if error is not None else 1], dtype=torch.int64), "min")
+    if error is not None:
+        raise error
+    if int(ok.min()) == 0:
+        raise RuntimeError(f"network dissection failed on another process during {stage}")
+
+
+class _LayerReader:
+    """Runs the model up to the layer and returns its output (its last call in the forward pass).
+
+    With ``stop_at_layer`` the forward pass ends right after that call: how often the layer runs per forward
+    pass is learned once, from a complete forward pass of a single image.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, stop_at_layer: bool) -> None:
+        self.model = model
+        self.layer = layer
+        self.stop_at_layer = stop_at_layer
+        self.calls: int | None = None
+        self.device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+
+    def _run(self, images: Tensor, stop_after: int | None) -> tuple[Tensor, int]:
+        with capture_layer(self.model, self.layer) as capture:
+            handle = None
+            if stop_after is not None:
+
+                def stop(_module: nn.Module, _inputs: tuple, _output: Any) -> None:
+                    if len(capture.outputs) >= stop_after:
+                        raise _StopForward
+
+                handle = capture.module.register_forward_hook(stop)
+            try:
+                self.model(images)
+            except _StopForward:
+                pass
+            finally:
+                if handle is not None:
+                    handle.remove()
+            return capture.activation, len(capture.outputs)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        images = images.to(self.device)
+        if self.stop_at_layer and self.calls is None:
+            _activation, self.calls = self._run(images[:1], None)
+        activation, _calls = self._run(images, self.calls if self.stop_at_layer else None)
+        if activation.ndim != 4 or activation.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"layer {self.layer!r} outputs shape {list(activation.shape)}; dissection needs feature maps "
+                f"[B, units, h, w] with B = {images.shape[0]}"
+            )
+        return activation.detach()
+
+
+# ------------------------------------------------------------------------------------------------------ dissection
+class NetworkDissection:
+    """Network dissection of one layer (see the module docstring); a configured, model-independent callable.
+
+    Args:
+        layer: dotted module name (``"layer4"``) or the module itself.
+        quantile: top fraction of activations above the threshold, in (0, 1); default 0.005.
+        iou_threshold: a unit is a detector if its best IoU exceeds this, in [0, 1); default 0.04.
+        top_k: top-activating images remembered per unit.
+        bins, resolution_bits: size and resolution of the quantile sketch
+            (:class:`~lightning_xai.interpretation.quantiles.QuantileSketch`).
+        cache_bytes: keep the layer's activations for the second pass while they fit in this many bytes (on the
+            model's device); beyond it, the second pass recomputes them. 0 disables the cache.
+        chunk_elements: upsampled activation values processed at once (bounds the memory of the second pass).
+        stop_at_layer: end each forward pass right after the layer (its last call, for modules called more than
+            once), skipping the rest of the network.
+        reduce: how counts are combined over processes (default: ``torch.distributed`` when initialised).
+    """
+
+    def __init__(
+        self,
+        layer: str | nn.Module,
+        *,
+        quantile: float = 0.005,
+        iou_threshold: float = 0.04,
+        top_k: int = 4,
+        bins: int = 2048,
+        resolution_bits: int = 7,
+        cache_bytes: int = 256 * 2**20,
+        chunk_elements: int = 2**22,
+        stop_at_layer: bool = True,
+        reduce: Reducer | None = None,
+    ) -> None:
+        if not isinstance(layer, str | nn.Module):
+            raise TypeError(f"layer must be a dotted module name or an nn.Module, got {type(layer).__name__}")
+        if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be a number in (0, 1) (e.g. 0.005 for the top 0.5%), got {quantile!r}")
+        if (
+            isinstance(iou_threshold, bool)
+            or not isinstance(iou_threshold, int | float)
+            or not 0.0 <= iou_threshold < 1.0
+        ):
+            raise ValueError(f"iou_threshold must be a number in [0, 1), got {iou_threshold!r}")
+        for name, value, low in (
+            ("top_k", top_k, 1),
+            ("cache_bytes", cache_bytes, 0),
+            ("chunk_elements", chunk_elements, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce must be a Reducer, got {type(reduce).__name__}")
+        QuantileSketch(1, bins=bins, resolution_bits=resolution_bits)  # validates the sketch arguments now
+        self.layer = layer
+        self.quantile = float(quantile)
+        self.iou_threshold = float(iou_threshold)
+        self.top_k = top_k
+        self.bins = bins
+        self.resolution_bits = resolution_bits
+        self.cache_bytes = cache_bytes
+        self.chunk_elements = chunk_elements
+        self.stop_at_layer = bool(stop_at_layer)
+        self.reduce = reduce
+
+    def __repr__(self) -> str:
+        layer = self.layer if isinstance(self.layer, str) else type(self.layer).__name__
+        return (
+            f"NetworkDissection(layer={layer!r}, quantile={self.quantile}, iou_threshold={self.iou_threshold}, "
+            f"top_k={self.top_k})"
+        )
+
+    def _reducer(self) -> Reducer:
+        return default_reducer() if self.reduce is None else self.reduce
+
+    # -------------------------------------------------------------------------------------------- passes
+    def __call__(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        concept_names: Sequence[str],
+        categories: Mapping[str, Sequence[int]] | None = None,
+    ) -> DissectionResult:
+        """Dissect ``model`` on ``data`` (see the module docstring for the batch format).
+
+        Args:
+            model: any ``nn.Module``; it is run in eval mode and restored afterwards.
+            data: re-iterable of batches, read twice, in the same order both times.
+            concept_names: the ``C`` concepts of the masks, e.g. ``"color:red"``.
+            categories: category -> concept indices; default: from ``"category:value"`` names.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        layer_name, _module = resolve_layer(model, self.layer)
+        _check_reiterable(data)
+        names = [str(n) for n in concept_names]
+        if not names:
+            raise ValueError("concept_names is empty: there is nothing to dissect against")
+        concept_categories = _concept_categories(names, categories)
+        reducer = self._reducer()
+        with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
+            reader = _LayerReader(model, layer_name, self.stop_at_layer)
+            sketch, top_scores, top_indices, cache = self._first_pass(reader, data, reducer)
+            thresholds = sketch.quantile(1.0 - self.quantile)
+            rank_error = sketch.rank_error(1.0 - self.quantile)
+            counts = self._second_pass(reader, data, reducer, thresholds, cache, len(names))
+        intersection, unit_area, concept_area, num_images = counts
+        return DissectionResult(
+            layer=layer_name,
+            concept_names=names,
+            concept_categories=concept_categories,
+            quantile=self.quantile,
+            iou_threshold=self.iou_threshold,
+            thresholds=thresholds.cpu(),
+            threshold_rank_error=rank_error.cpu(),
+            intersection=intersection.cpu(),
+            unit_area=unit_area.cpu(),
+            concept_area=concept_area.cpu(),
+            num_images=num_images,
+            top_indices=top_indices.cpu(),
+            top_scores=top_scores.cpu(),
+        )
+
+    def _first_pass(
+        self, reader: _LayerReader, data: Iterable[Any], reducer: Reducer
+    ) -> tuple[QuantileSketch, Tensor, Tensor, list[tuple[Tensor, float]] | None]:
+        """Stream the activations once: quantile sketch, top images, and the cache for the second pass."""
+        sketch: QuantileSketch | None = None
+        top_scores = top_indices = None
+        cache: list[tuple[Tensor, float]] | None = [] if self.cache_bytes > 0 else None
+        cached_bytes = 0
+        position = 0
+        error: BaseException | None = None
+        try:
+            for item in data:
+                images, _masks, indices = _read_batch(item)
+                if indices is None:
+                    if reducer.world_size > 1:
+                        raise ValueError(
+                            "under torch.distributed every batch must carry its images' dataset indices "
+                            "((images, masks, indices) or an 'index' key), to name the top images across processes"
+                        )
+                    indices = torch.arange(position, position + images.shape[0])
+                position += images.shape[0]
+                acts = reader(images)
+                if sketch is None:
+                    sketch = QuantileSketch(
+                        acts.shape[1], bins=self.bins, resolution_bits=self.resolution_bits, device=acts.device
+                    )
+                    top_scores = torch.full((acts.shape[1], self.top_k), -math.inf, device=acts.device)
+                    top_indices = torch.full((acts.shape[1], self.top_k), -1, dtype=torch.long, device=acts.device)
+                elif acts.shape[1:2] != (sketch.num_units,):
+                    raise ValueError(f"layer output changed from {sketch.num_units} to {acts.shape[1]} units")
+                sketch.update(acts, dim=1)
+                maxima = acts.amax(dim=(2, 3)).float().T  # [U, B]
+                batch_indices = indices.to(acts.device)[None, :].expand_as(maxima)
+                top_scores, top_indices = _select_top(
+                    torch.cat([top_scores, maxima], dim=1), torch.cat([top_indices, batch_indices], dim=1), self.top_k
+                )
+                if cache is not None:
+                    cached_bytes += acts.numel() * acts.element_size()
+                    if cached_bytes <= self.cache_bytes:
+                        cache.append((acts, float(images.double().sum())))
+                    else:
+                        cache = None  # too large: the second pass recomputes
+            if sketch is None:
+                raise ValueError("data yielded no batches on this process: there is nothing to dissect")
+        except Exception as err:
+            error = err
+        _agree(reducer, error, "the first pass")
+        assert sketch is not None and top_scores is not None and top_indices is not None
+        sketch.all_reduce(reducer)
+        world = reducer.world_size
+        if world > 1:
+            units = top_scores.shape[0]
+            gathered_scores = reducer(top_scores, "gather").permute(1, 0, 2).reshape(units, -1)
+            gathered_indices = reducer(top_indices, "gather").permute(1, 0, 2).reshape(units, -1)
+            top_scores, top_indices = _select_top(gathered_scores, gathered_indices, self.top_k)
+        return sketch, top_scores, top_indices, cache
+
+    def _count(self, acts: Tensor, masks: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(|M_k & L_c| [U, C], |M_k| [U], |L_c| [C])`` of one batch.
+
+        Only maps that can exceed their threshold are upsampled: bilinear interpolation is a convex combination,
+        so a map whose maximum is below ``T_k`` (by more than the rounding of :func:`upsample_bilinear`) has an
+        empty mask. With a top-0.5% threshold that skips most maps. The candidates are upsampled in chunks of at
+        most ``chunk_elements`` values and counted image by image with one small matrix product each.
+        """
+        units = acts.shape[1]
+        size = (int(masks.shape[-2]), int(masks.shape[-1]))
+        positions = size[0] * size[1]
+        dtype = torch.float32 if positions < 2**24 else torch.float64  # exact per-image integer sums
+        concepts = masks.to(acts.device).flatten(2)
+        concepts = (concepts if concepts.dtype == torch.bool else concepts != 0).to(dtype)  # [B, C, HW]
+        concept_area = concepts.sum(dim=(0, 2)).to(torch.int64)
+        intersection = torch.zeros(concepts.shape[1], units, dtype=torch.int64, device=acts.device)
+        area = torch.zeros(units, dtype=torch.int64, device=acts.device)
+        flat = acts.float().flatten(2)
+        top, magnitude = flat.amax(dim=2), flat.abs().amax(dim=2)
+        t = thresholds.to(acts.device)
+        image, unit = torch.nonzero(top >= t[None, :] - _ROUNDING_MARGIN * magnitude, as_tuple=True)
+        step = max(1, self.chunk_elements // positions)
+        for start in range(0, image.shape[0], step):
+            b, u = image[start : start + step], unit[start : start + step]
+            fires = upsample_bilinear(acts[b, u].float(), size).flatten(1).gt_(t[u][:, None]).to(dtype)  # [P, HW]
+            area.index_add_(0, u, fires.sum(dim=1).to(torch.int64))
+            # candidates come in image order: one product per image, concepts [C, HW] x fires [HW, n]
+            images, counts = torch.unique_consecutive(b, return_counts=True)
+            offset = 0
+            for i, n in zip(images.tolist(), counts.tolist()):
+                rows = slice(offset, offset + n)
+                product = concepts[i] @ fires[rows].T
+                intersection.index_add_(1, u[rows], product.to(torch.int64))
+                offset += n
+        return intersection.T, area, concept_area
+
+    def _second_pass(
+        self,
+        reader: _LayerReader,
+        data: Iterable[Any],
+        reducer: Reducer,
+        thresholds: Tensor,
+        cache: list[tuple[Tensor, float]] | None,
+        num_concepts: int,
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        units = thresholds.shape[0]
+        device = thresholds.device
+        intersection = torch.zeros(units, num_concepts, dtype=torch.int64, device=device)
+        unit_area = torch.zeros(units, dtype=torch.int64, device=device)
+        concept_area = torch.zeros(num_concepts, dtype=torch.int64, device=device)
+        num_images = 0
+        error: BaseException | None = None
+        try:
+            batches = 0
+            for item in data:
+                images, masks, _indices = _read_batch(item)
+                if masks.shape[1] != num_concepts:
+                    raise ValueError(
+                        f"concept masks have {masks.shape[1]} concepts but {num_concepts} concept names were given"
+                    )
+                if cache is not None:
+                    if batches >= len(cache) or cache[batches][1] != float(images.double().sum()):
+                        raise ValueError(
+                            "data yielded different batches in the second pass (a shuffling loader? random "
+                            "augmentation?); dissection reads the data twice in the same order. Fix the order, or pass "
+                            "cache_bytes=0 to recompute the activations"
+                        )
+                    acts = cache[batches][0]
+                else:
+                    acts = reader(images)
+                batches += 1
+                inter, area, present = self._count(acts, masks, thresholds)
+                intersection += inter.to(device)
+                unit_area += area.to(device)
+                concept_area += present.to(device)
+                num_images += images.shape[0]
+            if cache is not None and batches != len(cache):
+                raise ValueError(f"data yielded {batches} batches in the second pass, {len(cache)} in the first")
+        except Exception as err:
+            error = err
+        _agree(reducer, error, "the second pass")
+        intersection = reducer(intersection, "sum")
+        unit_area = reducer(unit_area, "sum")
+        concept_area = reducer(concept_area, "sum")
+        total = int(reducer(torch.tensor([num_images], dtype=torch.int64, device=device), "sum").item())
+        return intersection, unit_area, concept_area, total
+
+    # -------------------------------------------------------------------------------------------- masks & images
+    def unit_masks(
+        self, model: nn.Module, images: Tensor, units: Sequence[int], thresholds: Tensor, size: tuple[int, int]
+    ) -> Tensor:
+        """Binarised, upsampled masks ``M_k`` of ``units`` on ``images``: ``BoolTensor[B, len(units), *size]``;
+        ``thresholds`` holds one threshold per entry of ``units`` (e.g. ``result.thresholds[units]``)."""
+        layer_name, _ = resolve_layer(model, self.layer)
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1)
+        if thresholds.shape[0] != len(units):
+            raise ValueError(f"got {thresholds.shape[0]} thresholds for {len(units)} units")
+        with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
+            acts = _LayerReader(model, layer_name, self.stop_at_layer)(images)
+        bad = [u for u in units if not 0 <= int(u) < acts.shape[1]]
+        if bad:
+            raise ValueError(f"unit(s) {bad} out of range; layer {layer_name!r} has units 0..{acts.shape[1] - 1}")
+        index = torch.as_tensor([int(u) for u in units], dtype=torch.long, device=acts.device)
+        up = upsample_bilinear(acts[:, index].float(), (int(size[0]), int(size[1])))
+        return up > thresholds.to(acts.device).view(1, -1, 1, 1)
+
+    def render_unit(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        unit: int,
+        threshold: float | Tensor,
+        *,
+        alpha: float = 0.5,
+        pad: int = 2,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> np.ndarray:
+        """A strip of ``images`` side by side, each with the unit's thresholded mask ``M_k`` overlaid (yellow on
+        the grayscale image, :func:`lightning_xai.viz.render.overlay`): ``uint8 [H, n * (W + pad) + pad, 3]``."""
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            raise ValueError(f"images must be a tensor [n, C, H, W], got {getattr(images, 'shape', images)!r}")
+        masks = self.unit_masks(model, images, [int(unit)], torch.tensor([float(threshold)]), tuple(images.shape[-2:]))
+        tiles = overlay(
+            images.detach().cpu(), masks.cpu().float(), alpha=alpha, signed=False, percentile=100.0, mean=mean, std=std
+        )
+        n, height, width = tiles.shape[:3]
+        strip = np.full((height + 2 * pad, n * (width + pad) + pad, 3), 255, dtype=np.uint8)
+        for i in range(n):
+            x0 = pad + i * (width + pad)
+            strip[pad : pad + height, x0 : x0 + width] = tiles[i]
+        return strip
+
+    def render_top_images(
+        self,
+        model: nn.Module,
+        result: DissectionResult,
+        images: Tensor | Callable[[list[int]], Tensor],
+        units: Sequence[int],
+        **kwargs: Any,
+    ) -> dict[int, np.ndarray]:
+        """:meth:`render_unit` of each unit's top-activating images; ``images`` is the probe dataset's image
+        tensor (indexed by dataset index) or a callable ``indices -> Tensor[n, C, H, W]``."""
+        strips = {}
+        for unit in units:
+            chosen = [int(i) for i in result.top_indices[int(unit)].tolist() if i >= 0]
+            if not chosen:
+                continue
+            batch = images(chosen) if callable(images) else images[torch.tensor(chosen)]
+            strips[int(unit)] = self.render_unit(model, batch, int(unit), result.thresholds[int(unit)], **kwargs)
+        return strips
+
+    # -------------------------------------------------------------------------------------------- compositional
+    def explain_compositional(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        result: DissectionResult,
+        units: Sequence[int] | None = None,
+        *,
+        beam_size: int = 5,
+        max_length: int = 3,
+    ) -> list[CompositionalExplanation]:
+        """Compositional explanations (Mu & Andreas, NeurIPS 2020) of ``units`` (default: the detector units),
+        with the masks and thresholds of ``result``: ``max_length - 1`` more passes over ``data``.
+
+        See :func:`~lightning_xai.interpretation.compositional.compositional_search`.
+        """
+        layer_name, _ = resolve_layer(model, self.layer)
+        _check_reiterable(data)
+        if units is None:
+            units = torch.nonzero(result.detectors).flatten().tolist()
+        units = [int(u) for u in units]
+        bad = [u for u in units if not 0 <= u < result.num_units]
+        if bad:
+            raise ValueError(f"unit(s) {bad} out of range; the layer has units 0..{result.num_units - 1}")
+        if not units:
+            return []
+        index = torch.tensor(units)
+        thresholds = result.thresholds[index]
+
+        with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
+            reader = _LayerReader(model, layer_name, self.stop_at_layer)
+
+            def batches() -> Iterator[tuple[Tensor, Tensor]]:
+                for item in data:
+                    images, masks, _ = _read_batch(item)
+                    acts = reader(images)[:, index.to(reader.device)]
+                    size = tuple(masks.shape[-2:])
+                    up = upsample_bilinear(acts.float(), (int(size[0]), int(size[1])))
+                    yield up > thresholds.to(up.device).view(1, -1, 1, 1), masks != 0
+
+            return compositional_search(
+                batches,
+                result.concept_names,
+                units=units,
+                beam_size=beam_size,
+                max_length=max_length,
+                single_counts=(result.intersection[index], result.unit_area[index], result.concept_area),
+                reduce=self._reducer(),
+            )
+
+
+def dissect(
+    model: nn.Module,
+    layer: str | nn.Module,
+    data: Iterable[Any],
+    concept_names: Sequence[str],
+    categories: Mapping[str, Sequence[int]] | None = None,
+    **kwargs: Any,
+) -> DissectionResult:
+    """One-call form: ``NetworkDissection(layer, **kwargs)(model, data, concept_names, categories)``."""
+    return NetworkDissection(layer, **kwargs)(model, data, concept_names, categories)
