@@ -24,7 +24,7 @@ images are rendered in chunks of :data:`CHUNK` with tensor ops, thousands of 64x
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ __all__ = [
     "FlowerScenes",
     "GroundTruthDataModule",
     "GroundTruthShapes",
+    "class_names",
+    "discriminative_mask",
     "render_backgrounds",
     "render_flowers",
     "sample_scenes",
@@ -279,7 +281,9 @@ class GroundTruthShapes(Dataset):
         self.labels = labels
         self.part_map = torch.cat(part_maps)
         self.masks = discriminative_mask(self.part_map, self.num_classes).float()
-        self.scenes = FlowerScenes(*(torch.cat([getattr(s, f) for s in scenes]) for f in FlowerScenes.__annotations__))
+        self.scenes = FlowerScenes(
+            *(torch.cat([getattr(s, f) for s in scenes]) for f in (field.name for field in fields(FlowerScenes)))
+        )
 
     def __len__(self) -> int:
         return self.labels.shape[0]

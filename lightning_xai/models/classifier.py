@@ -26,8 +26,8 @@ class ImageClassifier(XAIModule):
         optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
 
     Batches are ``(images, labels, ...)``: only ``batch[0]`` and ``batch[1]`` are read, so the project's
-    ``(image, label, mask)`` batches and plain ``(x, y)`` batches both work. Logged (per epoch; the loss of
-    training also per step): ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss``,
+    ``(image, label, mask)`` batches and plain ``(x, y)`` batches both work. Logged per epoch: ``train_acc``,
+    ``train_loss_epoch`` (and ``train_loss_step`` per step), ``val_loss``, ``val_acc``, ``test_loss``,
     ``test_acc``. Accuracies are torchmetrics ``MulticlassAccuracy`` (micro average: the fraction of correct
     predictions), whose states are reduced across DDP ranks; losses are logged with ``sync_dist=True``.
 
