@@ -3,9 +3,10 @@
     make demo                      # sets up .venv, then runs this file
     python examples/demo.py --epochs 4 --out runs/demo
 
-Trains ``SmallCNN`` on the 6-class ground-truth flowers (the class is decided by the colour of the centre disc
+Trains ``SmallCNN`` (width 16, 32x32 images) on the 6-class ground-truth flowers (the class is decided by the
+colour of the centre disc
 alone, and every image carries the pixel mask of that disc), with ``ExplanationMonitor`` explaining the same
-8 validation images after every epoch with Saliency, Integrated Gradients, Grad-CAM and Grad-CAM++. The run is
+8 validation images every third epoch with Saliency, Integrated Gradients, Grad-CAM and Grad-CAM++. The run is
 logged to Weights & Biases in offline mode; the heatmap grids are also written as PNG files. At the end it
 prints the accuracy, the explanation drift per epoch, and where everything is.
 """
@@ -25,15 +26,16 @@ from pytorch_lightning.loggers import WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.data import GroundTruthDataModule
-from lightning_xai.models import ImageClassifier
+from lightning_xai.models import ImageClassifier, SmallCNN
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--out", default="runs/demo", help="output folder (W&B run, PNG grids, checkpoints)")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--n-train", type=int, default=1200)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--every-n-epochs", type=int, default=3, help="explain every n-th epoch")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -41,9 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     pl.seed_everything(args.seed)
     os.makedirs(args.out, exist_ok=True)
     data = GroundTruthDataModule(
-        num_classes=6, image_size=args.image_size, n_train=args.n_train, n_val=256, n_test=256, batch_size=64
+        num_classes=6, image_size=args.image_size, n_train=args.n_train, n_val=256, n_test=256, batch_size=32
     )
-    model = ImageClassifier(backbone="small_cnn", num_classes=6, lr=3e-3)
+    # SmallCNN at width 16 with Adam at 1e-2 and a cosine schedule: ~94 % validation accuracy in 20 epochs
+    model = ImageClassifier(backbone=SmallCNN(num_classes=6, width=16), num_classes=6, lr=1e-2, scheduler="cosine")
     monitor = ExplanationMonitor(
         attributors=[
             "saliency",
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         num_samples=8,
         target="label",
+        every_n_epochs=args.every_n_epochs,
         png_dir=os.path.join(args.out, "explanations"),
         class_names=data.class_names,
     )
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=args.out,
         log_every_n_steps=10,
         enable_model_summary=False,
+        enable_progress_bar=False,
     )
     trainer.fit(model, datamodule=data)
     run_dir = os.path.dirname(logger.experiment.dir)

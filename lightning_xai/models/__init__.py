@@ -1,7 +1,34 @@
 """LightningModules: classifiers, interpretable-by-design models and post-hoc method modules, on one base."""
 
+from lightning_xai.models.activations import (
+    ActivationBatch,
+    ActivationCache,
+    ActivationDataModule,
+    ActivationSource,
+)
 from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
 from lightning_xai.models.base import XAIModule
 from lightning_xai.models.classifier import ImageClassifier
+from lightning_xai.models.net2vec import ConceptMaskDataModule, Net2Vec
+from lightning_xai.models.probes import ConceptProbes
+from lightning_xai.models.sae import ReLUSAEConfig, SparseAutoencoder, TiedSAEConfig, TopKSAEConfig
 
-__all__ = ["BACKBONES", "ImageClassifier", "SmallCNN", "VGGSmall", "XAIModule", "build_backbone"]
+__all__ = [
+    "BACKBONES",
+    "ActivationBatch",
+    "ActivationCache",
+    "ActivationDataModule",
+    "ActivationSource",
+    "ConceptMaskDataModule",
+    "ConceptProbes",
+    "ImageClassifier",
+    "Net2Vec",
+    "ReLUSAEConfig",
+    "SmallCNN",
+    "SparseAutoencoder",
+    "TiedSAEConfig",
+    "TopKSAEConfig",
+    "VGGSmall",
+    "XAIModule",
+    "build_backbone",
+]
