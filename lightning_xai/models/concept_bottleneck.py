@@ -1,0 +1,817 @@
+"""Concept Bottleneck Models: predict human concepts first, then the class from the concepts alone.
+
+P. W. Koh, T. Nguyen, Y. S. Tang, S. Mussmann, E. Pierson, B. Kim and P. Liang, "Concept Bottleneck Models",
+ICML 2020. A backbone maps the image ``x`` to ``k`` concept logits ``g(x)``; a task head ``f`` maps the
+*bottleneck* ``b`` - the concept probabilities ``sigmoid(g(x))`` (``bottleneck="sigmoid"``) or the logits
+themselves (``bottleneck="logit"``) - to class logits. Because the class is computed from the concepts only, a user
+can correct a predicted concept at test time and see the prediction change (an *intervention*).
+
+**Training modes** (``mode``), all in one ``trainer.fit`` run:
+
+* ``"joint"``: minimise ``L_task(f(b), y) + concept_loss_weight * L_concept(g(x), c)`` end to end, with
+  ``L_task`` the cross-entropy and ``L_concept`` the mean binary cross-entropy with logits over the ``k`` concepts
+  (optionally with per-concept positive-class weights ``concept_pos_weight``, as ``BCEWithLogitsLoss``'s
+  ``pos_weight``).
+* ``"standard"``: the same architecture trained on ``L_task`` alone (``concept_loss_weight`` is forced to 0):
+  the baseline that shows what the concept supervision costs in accuracy. Its "concepts" are not concepts.
+* ``"independent"`` and ``"sequential"``: two stages split by epochs. During the first ``concept_epochs`` epochs
+  (stage ``"concepts"``) only the concept model ``g`` is trained, on ``L_concept``; the head receives no gradient
+  and does not change. In the remaining epochs (stage ``"task"``) ``g`` is frozen (run in eval mode under
+  ``no_grad``, so neither its parameters nor its BatchNorm statistics move) and only the head is trained on
+  ``L_task``: on the **true** concepts for ``"independent"`` (0/1 for a sigmoid bottleneck; the intervention
+  values below for a logit bottleneck) and on the frozen concept model's **predicted** bottleneck for
+  ``"sequential"``. Set ``max_epochs > concept_epochs`` on the Trainer (checked when fitting starts). The
+  stage is a function of ``current_epoch`` (:attr:`ConceptBottleneckModel.stage`), so resuming from a checkpoint
+  resumes the right stage. Under DDP the parameters unused in a stage need
+  ``strategy="ddp_find_unused_parameters_true"`` (checked when fitting starts).
+
+Evaluation (validation, test, prediction, interventions) always runs the full model ``f(b(g(x)))``.
+
+**Interventions.** Replacing a concept by its true value means: 0 or 1 for a sigmoid bottleneck; for a logit
+bottleneck the 5th (concept absent) or 95th (present) percentile of that concept's logit over the training data,
+as in Koh et al. The percentiles are recorded from the training logits of every training epoch (the last epoch
+wins; at most ``percentile_samples`` rows per rank and epoch, gathered across DDP ranks) and can be recomputed
+exactly in eval mode with :meth:`ConceptBottleneckModel.calibrate_interventions`. Concepts are intervened on in
+**groups** (e.g. all colour concepts at once: the categories of
+:class:`~lightning_xai.data.concepts.ConceptScenes`), in a ``"random"`` order or in ``"uncertainty"`` order (per
+image, the groups whose predicted concepts have the highest mean binary entropy first).
+:meth:`ConceptBottleneckModel.intervention_curve` reports task accuracy against the number of intervened groups;
+for random orders it is the **mean** over ``n_orders`` random orders (the expected gain of intervening on that many
+groups), never the best order. :func:`log_intervention_curve` sends it to W&B as a line plot.
+
+**Metrics** (torchmetrics, reduced across DDP ranks): task accuracy ``{stage}_acc``, concept accuracy
+``{stage}_concept_acc`` (fraction of the ``N x k`` concept decisions ``g(x) > 0`` that are right), per-concept
+ROC AUC of the concept logits ``{stage}_concept_auc/<concept name>`` (:class:`ConceptAUROC`: NaN for a concept
+that is always or never present in the evaluated data) and their mean over the defined ones
+``{stage}_concept_auc`` (validation and test), and the losses ``{stage}_loss``, ``{stage}_task_loss``,
+``{stage}_concept_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.strategies import DDPStrategy
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.models.backbones import build_backbone
+from lightning_xai.models.base import XAIModule
+from lightning_xai.viz.logging import log_line_plot
+
+__all__ = [
+    "BOTTLENECKS",
+    "INTERVENTION_ORDERS",
+    "MODES",
+    "CBMLosses",
+    "ConceptAUROC",
+    "ConceptBottleneckModel",
+    "InterventionCurve",
+    "auc_matrix",
+    "column_quantiles",
+    "log_intervention_curve",
+]
+
+MODES = ("independent", "sequential", "joint", "standard")
+BOTTLENECKS = ("sigmoid", "logit")
+INTERVENTION_ORDERS = ("random", "uncertainty")
+#: The percentiles of the training logits that stand for "absent" / "present" in a logit bottleneck (Koh et al.).
+LOGIT_PERCENTILES = (0.05, 0.95)
+
+GroupSpec = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_gather_rows(rows: Tensor) -> Tensor:
+    """Concatenate the ``[n_r, k]`` rows of every DDP rank (``n_r`` may differ between ranks)."""
+    if not _is_distributed() or torch.distributed.get_world_size() == 1:
+        return rows
+    world = torch.distributed.get_world_size()
+    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = rows.new_zeros(max(sizes), rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    if _is_distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def column_quantiles(values: Tensor, q: Sequence[float]) -> Tensor:
+    """Quantiles ``[len(q), k]`` of each column of ``values [n, k]`` (linear interpolation, as ``numpy.quantile``).
+
+    Implemented by sorting, so unlike ``torch.quantile`` it has no input-size limit.
+    """
+    if values.ndim != 2 or values.shape[0] == 0:
+        raise ValueError(f"values must be a non-empty [n, k] tensor, got shape {tuple(values.shape)}")
+    ordered = values.float().sort(dim=0).values
+    n = ordered.shape[0]
+    out = []
+    for level in q:
+        position = level * (n - 1)
+        lo, hi = math.floor(position), math.ceil(position)
+        frac = position - lo
+        out.append(ordered[lo] * (1 - frac) + ordered[hi] * frac)
+    return torch.stack(out)
+
+
+def _binary_entropy(probabilities: Tensor) -> Tensor:
+    p = probabilities.clamp(1e-7, 1 - 1e-7)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+def auc_matrix(scores: Tensor, labels: Tensor) -> Tensor:
+    """ROC AUC ``[C, K]`` of every score column ``scores [N, C]`` as a detector of every label ``labels [N, K]``.
+
+    The Mann-Whitney statistic with average ranks for ties (so a constant score has AUC 0.5); NaN for a label
+    column without positives or without negatives.
+    """
+    if scores.ndim != 2 or labels.ndim != 2 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"scores [N, C] and labels [N, K] must share N, got {tuple(scores.shape)} / {tuple(labels.shape)}"
+        )
+    s = scores.double().mT.contiguous()  # [C, N]
+    ordered = s.sort(dim=1).values
+    low = torch.searchsorted(ordered, s, right=False)
+    high = torch.searchsorted(ordered, s, right=True)
+    ranks = (low + high + 1).double() / 2  # 1-based average rank of every value in its column
+    positive = labels.double()
+    n_pos = positive.sum(dim=0)  # [K]
+    n_neg = labels.shape[0] - n_pos
+    rank_sums = ranks @ positive  # [C, K]
+    auc = (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, math.nan)).float()
+
+
+class ConceptAUROC(Metric):
+    """Per-column ROC AUC ``[k]``: score column ``j`` as a detector of binary label column ``j``.
+
+    The exact AUC of :func:`auc_matrix` (ties count one half; NaN for a column without positives or without
+    negatives, instead of torchmetrics' 0) on raw scores (logits or activations, never squashed into ties by a
+    sigmoid). Scores and labels are kept (``"cat"`` states) and gathered across DDP ranks by torchmetrics.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: Tensor, labels: Tensor) -> None:
+        if scores.shape != labels.shape or scores.ndim != 2:
+            raise ValueError(
+                f"scores and labels must both be [N, k], got {tuple(scores.shape)} / {tuple(labels.shape)}"
+            )
+        self.scores.append(scores.detach().float())
+        self.labels.append(labels.detach().float())
+
+    def compute(self) -> Tensor:
+        return auc_matrix(dim_zero_cat(self.scores), dim_zero_cat(self.labels)).diagonal()
+
+
+@dataclass
+class CBMLosses:
+    """One forward pass of training: the total ``loss`` and its named parts (``None`` when not computed)."""
+
+    loss: Tensor
+    task_loss: Tensor | None
+    concept_loss: Tensor | None
+    concept_logits: Tensor | None
+    task_logits: Tensor | None
+
+
+@dataclass
+class InterventionCurve:
+    """Task accuracy against the number of intervened concept groups.
+
+    Attributes:
+        num_groups: ``[G + 1]`` - 0, 1, ..., G intervened groups.
+        accuracy: ``[G + 1]`` - the mean accuracy over the orders (the curve to report).
+        per_order: ``[n_orders, G + 1]`` - the accuracy of each order (one row for ``"uncertainty"``).
+        orders: ``[n_orders, G]`` - the group indices of each random order, first intervened first (``None`` for
+            ``"uncertainty"``, whose order differs per image).
+        group_names: the name of each group.
+        order: ``"random"`` or ``"uncertainty"``.
+    """
+
+    num_groups: Tensor
+    accuracy: Tensor
+    per_order: Tensor
+    orders: Tensor | None
+    group_names: list[str]
+    order: str
+
+
+class ConceptBottleneckModel(XAIModule):
+    """A concept bottleneck model (Koh et al., ICML 2020): ``x -> k concept logits -> task head -> class logits``.
+
+    Args:
+        backbone: the concept model ``g``: a name of :func:`~lightning_xai.models.backbones.build_backbone`
+            (built with ``num_classes=num_concepts`` outputs) or any ``nn.Module`` mapping ``[B, C, H, W]`` images
+            to concept logits ``[B, num_concepts]``.
+        num_concepts: ``k``, the number of binary concepts (the width of the batches' concept labels).
+        num_classes: number of task classes.
+        in_channels: input channels (used when ``backbone`` is a name).
+        mode: ``"joint"``, ``"standard"``, ``"independent"`` or ``"sequential"`` (see the module docstring).
+        bottleneck: ``"sigmoid"`` (the head sees concept probabilities) or ``"logit"`` (the head sees logits).
+        concept_loss_weight: ``lambda`` of the joint loss, >= 0 (ignored by ``"standard"``, which uses 0).
+        concept_pos_weight: optional per-concept weights (``k`` positive numbers) of the positive class in the
+            binary cross-entropy, e.g. ``n_negative / n_positive`` to balance rare concepts.
+        head_hidden: ``None`` for a linear head, or the width of the hidden layer of a two-layer MLP head
+            (linear - ReLU - linear).
+        concept_epochs: for ``"independent"`` / ``"sequential"`` (required there): the number of epochs of the
+            concept stage; the remaining epochs of the fit train the head.
+        concept_names: optional names of the ``k`` concepts (metric keys); taken from the datamodule's
+            ``concept_names`` when left out and available, else ``"c0"``, ``"c1"``, ...
+        percentile_samples: at most this many training rows per rank and epoch are kept to compute the
+            intervention percentiles of a logit bottleneck.
+        head_lr: learning rate of the task head (``None``: ``lr``). The head is a small model on ``k`` inputs that
+            usually tolerates a larger rate, which shortens the head stage of ``"independent"``/``"sequential"``.
+        optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
+
+    Batches are ``(images, labels, concept_labels)`` with ``concept_labels`` float 0/1 ``[B, k]`` (the batches of
+    :class:`~lightning_xai.data.concepts.ConceptDataModule`); ``"standard"`` also accepts ``(images, labels)``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "small_cnn",
+        num_concepts: int = 18,
+        num_classes: int = 8,
+        in_channels: int = 3,
+        mode: str = "joint",
+        bottleneck: str = "sigmoid",
+        concept_loss_weight: float = 1.0,
+        concept_pos_weight: list[float] | None = None,
+        head_hidden: int | None = None,
+        concept_epochs: int | None = None,
+        concept_names: list[str] | None = None,
+        percentile_samples: int = 10_000,
+        head_lr: float | None = None,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: str | None = None,
+        momentum: float = 0.9,
+    ) -> None:
+        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
+        if bottleneck not in BOTTLENECKS:
+            raise ValueError(f"unknown bottleneck {bottleneck!r}; valid bottlenecks: {list(BOTTLENECKS)}")
+        k = _check_int("num_concepts", num_concepts, 1)
+        _check_int("num_classes", num_classes, 2)
+        _check_int("percentile_samples", percentile_samples, 1)
+        if head_lr is not None and (
+            isinstance(head_lr, bool)
+            or not isinstance(head_lr, int | float)
+            or not math.isfinite(head_lr)
+            or head_lr <= 0
+        ):
+            raise ValueError(f"head_lr must be None (use lr) or a finite number > 0, got {head_lr!r}")
+        if isinstance(concept_loss_weight, bool) or not isinstance(concept_loss_weight, int | float):
+            raise ValueError(f"concept_loss_weight must be a number >= 0, got {concept_loss_weight!r}")
+        if not math.isfinite(concept_loss_weight) or concept_loss_weight < 0:
+            raise ValueError(f"concept_loss_weight must be a finite number >= 0, got {concept_loss_weight!r}")
+        if head_hidden is not None:
+            _check_int("head_hidden", head_hidden, 1)
+        if mode in ("independent", "sequential"):
+            if concept_epochs is None:
+                raise ValueError(
+                    f"mode={mode!r} trains in two stages: set concept_epochs (the number of epochs of the concept "
+                    "stage; the remaining epochs train the task head)"
+                )
+            _check_int("concept_epochs", concept_epochs, 1)
+        elif concept_epochs is not None:
+            raise ValueError(f"concept_epochs only applies to 'independent' and 'sequential', not mode={mode!r}")
+        if concept_names is not None:
+            if not isinstance(concept_names, list | tuple) or not all(isinstance(n, str) for n in concept_names):
+                raise TypeError(f"concept_names must be a list of strings, got {concept_names!r}")
+            if len(concept_names) != k:
+                raise ValueError(f"concept_names has {len(concept_names)} names but num_concepts is {k}")
+        if concept_pos_weight is not None:
+            weights = torch.as_tensor(concept_pos_weight, dtype=torch.float32)
+            if weights.ndim != 1 or weights.numel() != k:
+                raise ValueError(
+                    f"concept_pos_weight must hold one weight per concept: got {weights.numel()} weights for "
+                    f"num_concepts={k}"
+                )
+            if not torch.isfinite(weights).all() or (weights <= 0).any():
+                raise ValueError(f"concept_pos_weight must be finite and > 0, got {list(concept_pos_weight)}")
+        else:
+            weights = None
+        self.register_buffer("concept_pos_weight", weights)
+
+        if isinstance(backbone, str):
+            self.backbone = build_backbone(backbone, num_classes=k, in_channels=in_channels)
+        elif isinstance(backbone, nn.Module):
+            self.backbone = backbone
+        else:
+            raise TypeError(f"backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}")
+        if head_hidden is None:
+            self.head: nn.Module = nn.Linear(k, num_classes)
+        else:
+            self.head = nn.Sequential(nn.Linear(k, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
+
+        self.num_concepts = k
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.mode = mode
+        self.bottleneck = bottleneck
+        self.concept_loss_weight = 0.0 if mode == "standard" else float(concept_loss_weight)
+        self.concept_epochs = concept_epochs
+        self.concept_names = list(concept_names) if concept_names is not None else [f"c{j}" for j in range(k)]
+        self._names_given = concept_names is not None
+        self.percentile_samples = percentile_samples
+        self.head_lr = float(head_lr) if head_lr is not None else None
+        # Intervention values of a logit bottleneck (5th / 95th percentile of the training logits per concept).
+        self.register_buffer("concept_low", torch.zeros(k))
+        self.register_buffer("concept_high", torch.zeros(k))
+        self.register_buffer("intervention_calibrated", torch.tensor(False))
+        self._epoch_logits: list[Tensor] = []
+        self._epoch_rows = 0
+
+        for split in ("train", "val", "test"):
+            setattr(self, f"{split}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            setattr(self, f"{split}_concept_acc", MultilabelAccuracy(k, threshold=0.5, average="micro"))
+        self.val_concept_auc = ConceptAUROC()
+        self.test_concept_auc = ConceptAUROC()
+
+    # ------------------------------------------------------------------------------------------------ model
+    @property
+    def stage(self) -> str:
+        """``"joint"`` (modes joint/standard), else ``"concepts"`` during the first ``concept_epochs`` epochs, then
+        ``"task"``."""
+        if self.mode in ("joint", "standard"):
+            return "joint"
+        return "concepts" if self.current_epoch < self.concept_epochs else "task"
+
+    def concept_logits(self, x: Tensor) -> Tensor:
+        """The concept model's logits ``[B, k]``."""
+        logits = self.backbone(x)
+        if logits.ndim != 2 or logits.shape[1] != self.num_concepts:
+            raise ValueError(
+                f"the backbone returned shape {tuple(logits.shape)}; expected concept logits [B, {self.num_concepts}]"
+            )
+        return logits
+
+    def bottleneck_values(self, concept_logits: Tensor) -> Tensor:
+        """What the head sees: ``sigmoid(logits)`` for a sigmoid bottleneck, the logits for a logit bottleneck."""
+        return torch.sigmoid(concept_logits) if self.bottleneck == "sigmoid" else concept_logits
+
+    def forward_with_concepts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(concept_logits [B, k], task_logits [B, num_classes])``."""
+        concept_logits = self.concept_logits(x)
+        return concept_logits, self.head(self.bottleneck_values(concept_logits))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Task logits ``[B, num_classes]`` of the full model ``head(bottleneck(g(x)))``."""
+        return self.forward_with_concepts(x)[1]
+
+    # ------------------------------------------------------------------------------------------ interventions
+    def true_concept_values(self, concept_labels: Tensor) -> Tensor:
+        """The bottleneck values standing for the true concepts ``concept_labels [B, k]`` (0/1).
+
+        Sigmoid bottleneck: the labels themselves. Logit bottleneck: the 5th percentile of the concept's training
+        logits where the label is 0 and the 95th where it is 1 (needs the percentiles, see
+        :meth:`calibrate_interventions`).
+        """
+        labels = self._check_concept_labels(concept_labels).float()
+        if self.bottleneck == "sigmoid":
+            return labels
+        if not bool(self.intervention_calibrated):
+            raise RuntimeError(
+                "a logit bottleneck intervenes with the 5th/95th percentiles of the training logits, which are not "
+                "recorded yet: train the model or call calibrate_interventions(train_data) first"
+            )
+        low, high = self.concept_low.to(labels), self.concept_high.to(labels)
+        return low + labels * (high - low)
+
+    def intervene(self, concept_logits: Tensor, concept_labels: Tensor, mask: Tensor) -> Tensor:
+        """Task logits after replacing the concepts selected by ``mask`` with their true values.
+
+        Args:
+            concept_logits: predicted concept logits ``[B, k]``.
+            concept_labels: true concepts ``[B, k]`` (0/1).
+            mask: bool ``[k]`` (the same concepts for every image) or ``[B, k]``: which concepts to replace.
+        """
+        if mask.dtype != torch.bool or mask.shape[-1] != self.num_concepts or mask.ndim not in (1, 2):
+            raise ValueError(
+                f"mask must be a bool tensor [k] or [B, k] with k={self.num_concepts}, got {mask.dtype} "
+                f"{tuple(mask.shape)}"
+            )
+        values = torch.where(
+            mask.to(concept_logits.device),
+            self.true_concept_values(concept_labels).to(concept_logits),
+            self.bottleneck_values(concept_logits),
+        )
+        return self.head(values)
+
+    def calibrate_interventions(self, data: Any, split: str = "train", max_batches: int | None = None) -> Tensor:
+        """Recompute the logit-bottleneck intervention values from one eval-mode pass over the training data.
+
+        ``data`` is a DataLoader (or any iterable of ``(images, ...)`` batches) or a datamodule (its ``split``
+        loader is used). Sets and returns the ``[2, k]`` 5th/95th percentiles of the concept logits. Restores
+        the model's modes afterwards; DDP ranks' logits are gathered when a process group is initialised.
+        """
+        rows = []
+        with model_state_guard(self), torch.no_grad():
+            for i, batch in enumerate(_loader_from(data, split)):
+                if max_batches is not None and i >= max_batches:
+                    break
+                rows.append(self.concept_logits(_images_of(batch).to(self.device)).float())
+        if not rows:
+            raise ValueError("calibrate_interventions got no batches")
+        return self._set_percentiles(torch.cat(rows))
+
+    def _set_percentiles(self, rows: Tensor) -> Tensor:
+        quantiles = column_quantiles(_all_gather_rows(rows.detach().float()), LOGIT_PERCENTILES)
+        self.concept_low.copy_(quantiles[0])
+        self.concept_high.copy_(quantiles[1])
+        self.intervention_calibrated.fill_(True)
+        return quantiles
+
+    def intervention_curve(
+        self,
+        data: Any,
+        groups: GroupSpec | None = None,
+        n_orders: int = 10,
+        order: str = "random",
+        seed: int = 0,
+        split: str = "test",
+    ) -> InterventionCurve:
+        """Task accuracy after intervening on 0, 1, ..., G concept groups (mean over random orders).
+
+        Args:
+            data: a DataLoader (or iterable) of ``(images, labels, concept_labels)`` batches, or a datamodule
+                (its ``split`` loader is used).
+            groups: the concept groups: a mapping ``name -> concept indices`` or a list of index lists. ``None``:
+                the ``categories`` of the dataset behind ``data`` when it has them (e.g. ``ConceptScenes``), else
+                every concept alone.
+            n_orders: number of random orders averaged (``"random"``); ignored by ``"uncertainty"``.
+            order: ``"random"``: one random permutation of the groups per order, the same for every image, and
+                the curve is the mean over orders (the expected effect, not the best order). ``"uncertainty"``:
+                per image, groups sorted by decreasing mean binary entropy of their predicted concepts.
+            seed: seed of the random orders.
+            split: the loader of a datamodule to use.
+
+        Runs in eval mode under ``no_grad`` (modes restored afterwards). Under DDP (process group initialised)
+        the correct/total counts are summed over ranks, so sharded loaders give the global curve.
+        """
+        if order not in INTERVENTION_ORDERS:
+            raise ValueError(f"unknown order {order!r}; valid orders: {list(INTERVENTION_ORDERS)}")
+        _check_int("n_orders", n_orders, 1)
+        names, membership = self._resolve_groups(groups if groups is not None else _dataset_groups(data, split))
+        num_groups = membership.shape[0]
+        steps = torch.arange(num_groups + 1)
+        membership = membership.to(self.device)
+        if order == "random":
+            generator = torch.Generator().manual_seed(seed)
+            orders: Tensor | None = torch.stack(
+                [torch.randperm(num_groups, generator=generator) for _ in range(n_orders)]
+            )
+            # masks [O, G+1, 1, k]: the concepts intervened on after the first i groups of order o
+            masks = _intervention_masks(_positions(orders.to(self.device)), membership)[:, :, None, :]
+        else:
+            orders = None
+        correct = torch.zeros(n_orders if order == "random" else 1, num_groups + 1, dtype=torch.float64)
+        total = 0
+        with model_state_guard(self), torch.no_grad():
+            for batch in _loader_from(data, split):
+                x, y, c = self._unpack(batch, need_concepts=True)
+                x, y, c = x.to(self.device), y.to(self.device), c.to(self.device)
+                logits = self.concept_logits(x)
+                base = self.bottleneck_values(logits)
+                true = self.true_concept_values(c).to(base)
+                if order == "uncertainty":
+                    entropy = _binary_entropy(torch.sigmoid(logits.float()))  # [B, k]
+                    member = membership.float()
+                    uncertainty = entropy @ member.T / member.sum(dim=1)  # [B, G]: mean entropy of each group
+                    most_uncertain_first = uncertainty.argsort(dim=1, descending=True, stable=True)
+                    masks = _intervention_masks(_positions(most_uncertain_first), membership).transpose(0, 1)[None]
+                values = torch.where(masks, true, base)  # [rows, G+1, B, k]
+                predictions = self.head(values).argmax(dim=-1)  # [rows, G+1, B]
+                correct += (predictions == y).sum(dim=-1).double().cpu()
+                total += y.shape[0]
+        counts = torch.cat([correct.flatten(), torch.tensor([float(total)], dtype=torch.float64)])
+        counts = _all_reduce_sum(counts.to(self.device)).cpu()  # the device of the process group's backend
+        correct, total = counts[:-1].view_as(correct), float(counts[-1])
+        if total == 0:
+            raise ValueError("intervention_curve got no data")
+        per_order = (correct / total).float()
+        return InterventionCurve(
+            num_groups=steps,
+            accuracy=per_order.mean(dim=0),
+            per_order=per_order,
+            orders=orders,
+            group_names=names,
+            order=order,
+        )
+
+    def _resolve_groups(self, groups: GroupSpec | None) -> tuple[list[str], Tensor]:
+        """``(names, membership bool [G, k])`` of a group specification (``None``: each concept alone)."""
+        if groups is None:
+            items = [(name, [j]) for j, name in enumerate(self.concept_names)]
+        elif isinstance(groups, Mapping):
+            items = [(str(name), list(idx)) for name, idx in groups.items()]
+        elif isinstance(groups, Sequence) and not isinstance(groups, str):
+            items = [(f"group{g}", list(idx)) for g, idx in enumerate(groups)]
+        else:
+            raise TypeError(
+                f"groups must be a mapping name -> concept indices or a list of index lists, got {groups!r}"
+            )
+        if not items:
+            raise ValueError("groups must hold at least one group")
+        membership = torch.zeros(len(items), self.num_concepts, dtype=torch.bool)
+        for g, (name, indices) in enumerate(items):
+            if not indices:
+                raise ValueError(f"concept group {name!r} is empty")
+            for j in indices:
+                if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.num_concepts:
+                    raise ValueError(
+                        f"concept group {name!r} holds {j!r}, not a concept index in [0, {self.num_concepts})"
+                    )
+                membership[g, j] = True
+        return [name for name, _ in items], membership
+
+    # ------------------------------------------------------------------------------------------------ training
+    def optimizer_parameters(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Two parameter groups: the concept model (``lr``) and the head (``head_lr``, default ``lr``)."""
+        groups = [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad]},
+            {"params": [p for p in self.head.parameters() if p.requires_grad]},
+        ]
+        if self.head_lr is not None:
+            groups[1]["lr"] = self.head_lr
+        return [g for g in groups if g["params"]]
+
+    def _check_concept_labels(self, concept_labels: Tensor) -> Tensor:
+        if concept_labels.ndim != 2 or concept_labels.shape[1] != self.num_concepts:
+            raise ValueError(
+                f"the concept labels have shape {tuple(concept_labels.shape)}, i.e. {concept_labels.shape[-1]} "
+                f"concepts, but the model has num_concepts={self.num_concepts}"
+            )
+        return concept_labels
+
+    def _unpack(self, batch: Any, need_concepts: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        if isinstance(batch, Tensor) or len(batch) < 2:
+            raise ValueError("batches must be (images, labels, concept_labels) tuples")
+        x, y = batch[0], batch[1]
+        c = batch[2] if len(batch) > 2 else None
+        if c is None:
+            if need_concepts:
+                raise ValueError(
+                    f"mode={self.mode!r} needs concept labels: batches must be (images, labels, concept_labels)"
+                )
+        else:
+            c = self._check_concept_labels(c).float()
+        return x, y, c
+
+    def _concept_loss(self, concept_logits: Tensor, concept_labels: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(
+            concept_logits.float(), concept_labels.float(), pos_weight=self.concept_pos_weight
+        )
+
+    def compute_losses(self, batch: Any, stage: str | None = None) -> CBMLosses:
+        """The training loss of ``batch`` in training stage ``stage`` (default: :attr:`stage`) and its parts.
+
+        ``"joint"``: ``task + concept_loss_weight * concept`` (the concept part is skipped, ``None``, when the
+        weight is 0 and the batch has no concept labels). ``"concepts"``: the concept loss alone (the head is not
+        run). ``"task"``: the task loss of the head on the true (``"independent"``) or frozen-predicted
+        (``"sequential"``) bottleneck; the concept model runs in eval mode under ``no_grad``.
+        """
+        stage = self.stage if stage is None else stage
+        if stage not in ("joint", "concepts", "task"):
+            raise ValueError(f"unknown training stage {stage!r}; valid stages: ['joint', 'concepts', 'task']")
+        x, y, c = self._unpack(batch, need_concepts=self.mode != "standard")
+        if stage == "concepts":
+            concept_logits = self.concept_logits(x)
+            concept_loss = self._concept_loss(concept_logits, c)
+            return CBMLosses(concept_loss, None, concept_loss, concept_logits, None)
+        if stage == "task":
+            concept_logits = None
+            # the logits of the frozen concept model also feed the logit percentiles (see _record_logits)
+            if self.mode == "sequential" or self.bottleneck == "logit":
+                with model_state_guard(self.backbone), torch.no_grad():
+                    concept_logits = self.concept_logits(x)
+            if self.mode == "independent":
+                values = self.true_concept_values(c)
+            else:
+                values = self.bottleneck_values(concept_logits)
+            task_logits = self.head(values)
+            task_loss = F.cross_entropy(task_logits, y)
+            return CBMLosses(task_loss, task_loss, None, concept_logits, task_logits)
+        concept_logits, task_logits = self.forward_with_concepts(x)
+        task_loss = F.cross_entropy(task_logits, y)
+        concept_loss = self._concept_loss(concept_logits, c) if c is not None else None
+        loss = task_loss
+        if concept_loss is not None and self.concept_loss_weight > 0:
+            loss = task_loss + self.concept_loss_weight * concept_loss
+        return CBMLosses(loss, task_loss, concept_loss, concept_logits, task_logits)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        out = self.compute_losses(batch)
+        y, c = batch[1], (batch[2] if len(batch) > 2 else None)
+        n = len(y)
+        self.log("train_loss", out.loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
+        if out.task_loss is not None:
+            self.log("train_task_loss", out.task_loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
+            self.train_acc(out.task_logits.detach(), y)
+            self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        if out.concept_logits is not None and c is not None:
+            if out.concept_loss is not None:
+                self.log(
+                    "train_concept_loss", out.concept_loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n
+                )
+            self.train_concept_acc(torch.sigmoid(out.concept_logits.detach().float()), c.long())
+            self.log("train_concept_acc", self.train_concept_acc, on_step=False, on_epoch=True, batch_size=n)
+        if self.bottleneck == "logit" and out.concept_logits is not None:
+            self._record_logits(out.concept_logits)
+        return out.loss
+
+    def _record_logits(self, logits: Tensor) -> None:
+        room = self.percentile_samples - self._epoch_rows
+        if room > 0:
+            rows = logits.detach().float()[:room]
+            self._epoch_logits.append(rows)
+            self._epoch_rows += rows.shape[0]
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_logits, self._epoch_rows = [], 0
+
+    def on_train_epoch_end(self) -> None:
+        if self.bottleneck != "logit":
+            return
+        # every rank must take part in the gather, also a rank that recorded nothing this epoch
+        has_rows = torch.tensor(float(self._epoch_rows > 0), device=self.device)
+        if float(_all_reduce_sum(has_rows.clone())) > 0:
+            rows = torch.cat(self._epoch_logits) if self._epoch_logits else torch.zeros(0, self.num_concepts)
+            self._set_percentiles(rows.to(self.device))
+        self._epoch_logits, self._epoch_rows = [], 0
+
+    def _eval_step(self, batch: Any, split: str) -> Tensor:
+        x, y, c = self._unpack(batch, need_concepts=False)
+        concept_logits, task_logits = self.forward_with_concepts(x)
+        task_loss = F.cross_entropy(task_logits, y)
+        n = len(y)
+        loss = task_loss
+        getattr(self, f"{split}_acc")(task_logits, y)
+        self.log(f"{split}_acc", getattr(self, f"{split}_acc"), on_epoch=True, batch_size=n, prog_bar=split == "val")
+        self.log(f"{split}_task_loss", task_loss, on_epoch=True, sync_dist=True, batch_size=n)
+        if c is not None:
+            concept_loss = self._concept_loss(concept_logits, c)
+            loss = task_loss + self.concept_loss_weight * concept_loss
+            self.log(f"{split}_concept_loss", concept_loss, on_epoch=True, sync_dist=True, batch_size=n)
+            probabilities = torch.sigmoid(concept_logits.float())
+            getattr(self, f"{split}_concept_acc")(probabilities, c.long())
+            self.log(f"{split}_concept_acc", getattr(self, f"{split}_concept_acc"), on_epoch=True, batch_size=n)
+            getattr(self, f"{split}_concept_auc").update(concept_logits, c)
+        self.log(f"{split}_loss", loss, on_epoch=True, sync_dist=True, batch_size=n, prog_bar=split == "val")
+        return loss
+
+    def _log_auc(self, split: str) -> None:
+        metric = getattr(self, f"{split}_concept_auc")
+        if not metric.update_called:
+            return
+        auc = metric.compute()  # reduced over DDP ranks by torchmetrics
+        metric.reset()
+        self.log(f"{split}_concept_auc", auc.nanmean())
+        self.log_dict({f"{split}_concept_auc/{name}": value for name, value in zip(self.concept_names, auc)})
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_auc("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_auc("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Task logits ``[B, num_classes]`` of ``batch`` (an image tensor, or a tuple whose first item is one)."""
+        return self(_images_of(batch))
+
+    # ------------------------------------------------------------------------------------------ checks
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_concepts = getattr(datamodule, "num_concepts", None)
+        if isinstance(data_concepts, int) and data_concepts != self.num_concepts:
+            raise ValueError(
+                f"the datamodule has {data_concepts} concepts but the model has num_concepts={self.num_concepts}"
+            )
+        names = getattr(datamodule, "concept_names", None)
+        if not self._names_given and isinstance(names, list | tuple) and len(names) == self.num_concepts:
+            self.concept_names = [str(n) for n in names]
+
+    def on_fit_start(self) -> None:
+        if self.mode not in ("independent", "sequential"):
+            return
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs != -1 and max_epochs <= self.concept_epochs:
+            raise ValueError(
+                f"mode={self.mode!r} trains the concept model for concept_epochs={self.concept_epochs} epochs and the "
+                f"head afterwards, but the Trainer stops after max_epochs={max_epochs}: set max_epochs > "
+                f"{self.concept_epochs}"
+            )
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
+            raise ValueError(
+                f"mode={self.mode!r} leaves the head unused in the concept stage and the concept model unused in the "
+                "task stage, which plain DDP rejects: use strategy='ddp_find_unused_parameters_true'"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _positions(orders: Tensor) -> Tensor:
+    """``positions[r, g]``: where group ``g`` comes in ``orders[r]`` (a permutation of the groups per row)."""
+    positions = torch.empty_like(orders)
+    positions.scatter_(1, orders, torch.arange(orders.shape[1], device=orders.device).expand_as(orders).contiguous())
+    return positions
+
+
+def _intervention_masks(positions: Tensor, membership: Tensor) -> Tensor:
+    """``masks [R, G+1, k]``: concept ``j`` is intervened on after the first ``i`` groups of row ``r``'s order."""
+    steps = torch.arange(membership.shape[0] + 1, device=positions.device)
+    chosen = positions[:, None, :] < steps[None, :, None]  # [R, G+1, G]
+    return (chosen[..., None] & membership[None, None]).any(dim=2)
+
+
+def _images_of(batch: Any) -> Tensor:
+    return batch if isinstance(batch, Tensor) else batch[0]
+
+
+def _loader_from(data: Any, split: str) -> Iterable[Any]:
+    """The ``split`` loader of a datamodule (set up for it), or ``data`` itself (a DataLoader or any iterable)."""
+    if isinstance(data, pl.LightningDataModule):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r}; valid splits: ['train', 'val', 'test']")
+        data.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return getattr(data, f"{split}_dataloader")()
+    if isinstance(data, Iterable):
+        return data
+    raise TypeError(f"data must be a DataLoader, an iterable of batches or a LightningDataModule, got {type(data)}")
+
+
+def _dataset_groups(data: Any, split: str) -> dict[str, list[int]] | None:
+    """The ``categories`` of the dataset behind ``data`` (a datamodule or a loader), if it has them."""
+    dataset = None
+    if isinstance(data, pl.LightningDataModule) and callable(getattr(data, "dataset", None)):
+        dataset = data.dataset(split)
+    elif hasattr(data, "dataset"):
+        dataset = data.dataset
+    categories = getattr(dataset, "categories", None)
+    return dict(categories) if isinstance(categories, Mapping) else None
+
+
+def log_intervention_curve(
+    loggers: Sequence[object] | None,
+    curve: InterventionCurve,
+    *,
+    step: int,
+    key: str = "cbm/intervention_curve",
+    fallback_dir: str | None = None,
+) -> list[str]:
+    """Log an :class:`InterventionCurve` (mean accuracy vs intervened groups) as a line plot; rank zero only.
+
+    W&B gets a ``wandb.plot.line`` chart, other loggers a CSV (see :func:`lightning_xai.viz.logging.log_line_plot`).
+    """
+    return log_line_plot(
+        loggers,
+        key,
+        curve.num_groups.float(),
+        curve.accuracy,
+        step=step,
+        title=f"task accuracy vs intervened concept groups ({curve.order} order)",
+        x_label="intervened groups",
+        y_label="task accuracy",
+        fallback_dir=fallback_dir,
+    )
