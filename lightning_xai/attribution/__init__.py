@@ -11,6 +11,7 @@ from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradien
 from lightning_xai.attribution.guided import Deconvnet, GuidedBackprop, GuidedGradCAM
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
 from lightning_xai.attribution.lrp import LRP
+from lightning_xai.attribution.pattern import PatternAttribution, PatternNet, PatternSet, fit_patterns
 from lightning_xai.attribution.perturbation import (
     LIME,
     RISE,
@@ -40,6 +41,9 @@ __all__ = [
     "LayerCAM",
     "MeaningfulPerturbation",
     "Occlusion",
+    "PatternAttribution",
+    "PatternNet",
+    "PatternSet",
     "PredictionDifference",
     "Saliency",
     "ScoreCAM",
@@ -49,5 +53,6 @@ __all__ = [
     "capture_layer",
     "contrastive_target",
     "default_layer",
+    "fit_patterns",
     "resolve_layer",
 ]

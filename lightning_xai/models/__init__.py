@@ -6,9 +6,11 @@ from lightning_xai.models.activations import (
     ActivationDataModule,
     ActivationSource,
 )
+from lightning_xai.models.adversarial import AdversarialClassifier, AdversarialTrainingMixin, PGDAttack
 from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
 from lightning_xai.models.base import XAIModule
 from lightning_xai.models.classifier import ImageClassifier
+from lightning_xai.models.interpretable_filters import InterpretableFilterClassifier
 from lightning_xai.models.net2vec import ConceptMaskDataModule, Net2Vec
 from lightning_xai.models.probes import ConceptProbes
 from lightning_xai.models.sae import ReLUSAEConfig, SparseAutoencoder, TiedSAEConfig, TopKSAEConfig
@@ -19,10 +21,14 @@ __all__ = [
     "ActivationCache",
     "ActivationDataModule",
     "ActivationSource",
+    "AdversarialClassifier",
+    "AdversarialTrainingMixin",
     "ConceptMaskDataModule",
     "ConceptProbes",
     "ImageClassifier",
+    "InterpretableFilterClassifier",
     "Net2Vec",
+    "PGDAttack",
     "ReLUSAEConfig",
     "SmallCNN",
     "SparseAutoencoder",
