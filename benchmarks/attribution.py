@@ -113,14 +113,19 @@ def reference_passes(model, x, target, repeats: int) -> tuple[float, float]:
     return median_time(fwd_bwd, repeats), median_time(fwd, repeats)
 
 
-def peak_rss_mb(spec: dict, batch: int, size: int) -> float:
-    """Peak resident memory (MB) of a fresh process that runs the method once (includes torch's own ~MBs)."""
+def peak_rss_mb(spec: dict | None, batch: int, size: int, threads: int) -> float:
+    """Peak resident memory (MB) of a fresh process that runs the method once (includes torch's own ~MBs);
+    ``spec=None`` runs the reference forward + input-gradient pass instead."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if spec is None:
+        call = "reference_passes(m,x,t,1)"
+    else:
+        call = f"a.build_attributor(json.loads({json.dumps(spec)!r}))(m,x,t)"
     code = (
-        f"import json,resource,sys,torch; sys.path.insert(0, {root!r});"
-        "from benchmarks.attribution import build_setup;"
+        f"import json,resource,sys,torch; sys.path.insert(0, {root!r}); torch.set_num_threads({threads});"
+        "from benchmarks.attribution import build_setup, reference_passes;"
         "import lightning_xai.attribution as a;"
-        f"m,x,t=build_setup({batch},{size}); a.build_attributor(json.loads({json.dumps(spec)!r}))(m,x,t);"
+        f"m,x,t=build_setup({batch},{size}); {call};"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -136,9 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", action="store_true", help="peak RSS per method (a subprocess each)")
     parser.add_argument("--peers", action="store_true", help="time Captum / Zennit / pytorch-grad-cam if installed")
     parser.add_argument("--only", nargs="*", default=None, help="registry names to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     args = parser.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads = args.threads or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     model, x, target = build_setup(args.batch, args.size)
     channels = model.fc.in_features
     feature = args.size // 32
@@ -150,8 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"reference: forward + input-gradient {t_fb * 1e3:.1f} ms, forward {t_f * 1e3:.1f} ms "
-        f"(forward/fwd+bwd = {t_f / t_fb:.2f})\n"
+        f"(forward/fwd+bwd = {t_f / t_fb:.2f})"
     )
+    if args.memory:
+        reference_mb = peak_rss_mb(None, args.batch, args.size, threads)
+        print(f"peak RSS of a process running the reference pass: {reference_mb:.0f} MB")
+    print()
     header = f"| {'method':34s} | {'time ms':>9s} | {'ratio':>7s} | {'per unit':>8s} | {'target':>6s} | {'ok':3s} |"
     if args.memory:
         header += " peak RSS MB |"
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         tgt = "" if case.target is None else f"{case.target:.2f}"
         row = f"| {case.label:34s} | {t * 1e3:9.1f} | {ratio:7.2f} | {per_unit:8.3f} | {tgt:>6s} | {ok:3s} |"
         if args.memory:
-            row += f" {peak_rss_mb(case.spec, args.batch, args.size):11.0f} |"
+            row += f" {peak_rss_mb(case.spec, args.batch, args.size, threads):11.0f} |"
         print(row, flush=True)
     if args.peers:
         from benchmarks.peers import run_peers

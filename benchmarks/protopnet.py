@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> list[str]:
             f"| {seed} | {100 * plain_acc[-1]:.1f} | {100 * proto_acc[-1]:.1f} | {100 * capture.val_before:.1f} | "
             f"{100 * capture.val_after:.1f} | {100 * accuracy(model, dm.dataset('val')):.1f} |"
         )
+        print(rows[-1], file=sys.stderr, flush=True)  # progress: survives an interrupted run
         if k == 0:
             checks["push"] = push_checks(model, capture.state, dm.dataset("train"), args)
             if not args.skip_ddp:
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-val", type=int, default=500)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam rate of both models (SmallCNN: 1e-2)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -63,3 +63,34 @@ def test_bad_attributor_name_in_config_is_a_clear_error(tmp_path):
                 "--trainer.logger=false",
             ]
         )
+
+
+def test_explanation_quality_config_fast_dev_run(tmp_path):
+    """The ground-truth config trains, scores every configured method and metric, and runs the sanity check."""
+    from lightning_xai.callbacks import ExplanationQuality, SanityCheck
+
+    cli = main(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "examples", "configs", "explanation_quality.yaml"),
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.init_args.n_train=32",
+            "--data.init_args.n_val=16",
+            "--data.init_args.n_test=16",
+            "--data.init_args.image_size=32",
+            "--data.init_args.batch_size=16",
+        ]
+    )
+    (quality,) = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationQuality)]
+    (sanity,) = [c for c in cli.trainer.callbacks if isinstance(c, SanityCheck)]
+    assert len(quality.history) == 1
+    values = quality.history[0][1]
+    for method in ("saliency", "integrated_gradients", "gradcam", "lrp"):
+        for metric in ("mask_iou", "pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"):
+            key = next(k for k in values if method in k and k.endswith(metric))
+            assert 0.0 <= values[key] <= 1.0, (key, values[key])
+    assert set(sanity.results) == {"saliency", "gradcam"}
+    assert all(isinstance(r["passes"], bool) for r in sanity.results.values())
