@@ -10,9 +10,12 @@ from lightning_xai.models.adversarial import AdversarialClassifier, AdversarialT
 from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
 from lightning_xai.models.base import XAIModule
 from lightning_xai.models.classifier import ImageClassifier
+from lightning_xai.models.concept_bottleneck import ConceptBottleneckModel, InterventionCurve, log_intervention_curve
+from lightning_xai.models.concept_whitening import ConceptWhitening, ConceptWhiteningClassifier, replace_batchnorm
 from lightning_xai.models.interpretable_filters import InterpretableFilterClassifier
 from lightning_xai.models.net2vec import ConceptMaskDataModule, Net2Vec
 from lightning_xai.models.probes import ConceptProbes
+from lightning_xai.models.protopnet import ProtoPNet
 from lightning_xai.models.sae import ReLUSAEConfig, SparseAutoencoder, TiedSAEConfig, TopKSAEConfig
 
 __all__ = [
@@ -23,12 +26,17 @@ __all__ = [
     "ActivationSource",
     "AdversarialClassifier",
     "AdversarialTrainingMixin",
+    "ConceptBottleneckModel",
     "ConceptMaskDataModule",
     "ConceptProbes",
+    "ConceptWhitening",
+    "ConceptWhiteningClassifier",
     "ImageClassifier",
     "InterpretableFilterClassifier",
+    "InterventionCurve",
     "Net2Vec",
     "PGDAttack",
+    "ProtoPNet",
     "ReLUSAEConfig",
     "SmallCNN",
     "SparseAutoencoder",
@@ -37,4 +45,6 @@ __all__ = [
     "VGGSmall",
     "XAIModule",
     "build_backbone",
+    "log_intervention_curve",
+    "replace_batchnorm",
 ]
