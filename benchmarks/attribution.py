@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import torch
 import torchvision
 
 from lightning_xai.attribution import ATTRIBUTORS, build_attributor
+from lightning_xai.attribution.pattern import fit_patterns
 
 
 @dataclass
@@ -42,7 +45,8 @@ class Case:
     target: float | None = None
 
 
-def cases(channels: int, windows: int) -> list[Case]:
+def cases(channels: int, windows: int, pd_windows: int, patterns: str) -> list[Case]:
+    """The benchmarked configurations; ``patterns`` is the path of a PatternSet fitted to the benchmark model."""
     return [
         Case("Saliency", {"name": "saliency"}, target=1.1),
         Case("InputXGradient", {"name": "input_x_gradient"}, target=1.1),
@@ -67,7 +71,11 @@ def cases(channels: int, windows: int) -> list[Case]:
         Case("Deconvnet", {"name": "deconvnet"}, target=1.1),
         Case("GuidedBackprop", {"name": "guided_backprop"}, target=1.1),
         Case("GuidedGradCAM", {"name": "guided_gradcam", "layer": "layer4"}, target=None),
+        Case("LRP epsilon", {"name": "lrp", "composite": "epsilon"}, target=2.0),
         Case("LRP epsilon-plus", {"name": "lrp", "composite": "epsilon_plus"}, target=2.0),
+        Case("LRP epsilon-gamma-box", {"name": "lrp", "composite": "epsilon_gamma_box"}, target=2.0),
+        Case("PatternNet", {"name": "patternnet", "patterns": patterns}, target=None),
+        Case("PatternAttribution", {"name": "pattern_attribution", "patterns": patterns}, target=None),
         Case(
             f"Occlusion ({windows} windows)",
             {"name": "occlusion", "window": 16, "stride": 8, "batch_size": 64},
@@ -77,6 +85,24 @@ def cases(channels: int, windows: int) -> list[Case]:
         ),
         Case(
             "RISE (256 masks)", {"name": "rise", "n_masks": 256, "batch_size": 64}, unit="fwd", units=256, target=1.05
+        ),
+        Case("LIME (256 samples)", {"name": "lime", "n_samples": 256, "batch_size": 64}, unit="fwd", units=256),
+        Case(
+            "KernelSHAP (256 samples)",
+            {"name": "kernel_shap", "n_samples": 256, "batch_size": 64},
+            unit="fwd",
+            units=256,
+        ),
+        Case(
+            "MeaningfulPerturbation (50 iters)",
+            {"name": "meaningful_perturbation", "iterations": 50},
+            units=50,
+        ),
+        Case(
+            f"PredDifference ({pd_windows} win x 4 smp)",
+            {"name": "prediction_difference", "window": 8, "n_samples": 4, "batch_size": 64},
+            unit="fwd",
+            units=1 + pd_windows * 4,
         ),
     ]
 
@@ -150,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     channels = model.fc.in_features
     feature = args.size // 32
     windows = ((args.size - 16) // 8 + 1) ** 2
+    pd_windows = (args.size // 8) ** 2
+    patterns_dir = tempfile.mkdtemp(prefix="lxai-patterns-")
+    patterns = os.path.join(patterns_dir, "resnet18.pt")
+    fit_patterns(model, [x]).save(patterns)  # the patterns of the benchmark batch itself (a cost-only set-up)
     t_fb, t_f = reference_passes(model, x, target, repeats)
     print(
         f"resnet18 (random weights), batch {args.batch} of 3x{args.size}x{args.size}, {torch.get_num_threads()} "
@@ -168,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         header += " peak RSS MB |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for case in cases(channels, windows):
+    for case in cases(channels, windows, pd_windows, patterns):
         if case.spec["name"] not in ATTRIBUTORS or (args.only and case.spec["name"] not in args.only):
             continue
         attributor = build_attributor(dict(case.spec))
@@ -182,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.memory:
             row += f" {peak_rss_mb(case.spec, args.batch, args.size, threads):11.0f} |"
         print(row, flush=True)
+    shutil.rmtree(patterns_dir, ignore_errors=True)
     if args.peers:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from benchmarks.peers import run_peers
 
         run_peers(model, x, target, t_fb, repeats)

@@ -166,10 +166,22 @@ class Rule(abc.ABC):
 
 
 def _signed_contributions(
-    module: nn.Module, x: Tensor, *, positive: bool = True, negative: bool = True
+    module: nn.Module,
+    x: Tensor,
+    *,
+    positive: bool = True,
+    negative: bool = True,
+    output: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(sum_j (x_j w_jk)^+ + b_k^+, sum_j (x_j w_jk)^- + b_k^-)``: the positive and negative parts of the
-    pre-activations, as functions of ``x`` (so their gradients select the matching weight signs)."""
+    pre-activations, as functions of ``x`` (so their gradients select the matching weight signs).
+
+    ``output`` (the layer's own output ``sum_j x_j w_jk + b_k``, as a function of ``x``) saves a layer evaluation
+    when both parts are wanted and ``x >= 0`` (inputs after a ReLU): then the negative part is ``output - pos``,
+    whose gradient is ``w - w^+ = w^-``. Its backward computes ``w^-`` as a difference, so only a rule whose
+    coefficient on the negative part is bounded may pass ``output`` (Gamma: ``|output / z'| <= 1``); alpha-beta
+    divides by ``stab(z^-)``, up to ``1 / stabilizer`` where ``z^- = 0``, and the difference would absorb the rest
+    of the gradient in float32."""
     weight, bias = layer_parameters(module)
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
     b_pos = None if bias is None else bias.clamp(min=0)
@@ -182,9 +194,12 @@ def _signed_contributions(
         if x_neg is not None:
             pos = pos + layer_forward(module, x_neg, w_neg, None)
     if negative:
-        neg = layer_forward(module, x_pos, w_neg, b_neg)
-        if x_neg is not None:
-            neg = neg + layer_forward(module, x_neg, w_pos, None)
+        if positive and x_neg is None and output is not None:
+            neg = output - pos
+        else:
+            neg = layer_forward(module, x_pos, w_neg, b_neg)
+            if x_neg is not None:
+                neg = neg + layer_forward(module, x_neg, w_pos, None)
     return pos, neg
 
 
@@ -264,7 +279,7 @@ class Gamma(Rule):
         self.stabilizer = _check_real("Gamma", "stabilizer", stabilizer, minimum=0.0, strict=True)
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
-        pos, neg = _signed_contributions(module, inputs[0])
+        pos, neg = _signed_contributions(module, inputs[0], output=output)
         modified = output + self.gamma * torch.where(output.detach() > 0, pos, neg)
         return _redistribute(modified, output, self.stabilizer)
 
