@@ -15,12 +15,13 @@ from lightning_xai.cli import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_config_fast_dev_run(tmp_path):
-    cli = main(
+def fit_tiny(config: str, tmp_path):
+    """``lightning-xai fit`` of a shipped config under ``fast_dev_run`` on tiny generated data, without a logger."""
+    return main(
         [
             "fit",
             "--config",
-            os.path.join(ROOT, "examples", "configs", "quickstart.yaml"),
+            os.path.join(ROOT, "examples", "configs", config),
             "--trainer.fast_dev_run=true",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
@@ -31,6 +32,10 @@ def test_quickstart_config_fast_dev_run(tmp_path):
             "--data.init_args.batch_size=16",
         ]
     )
+
+
+def test_quickstart_config_fast_dev_run(tmp_path):
+    cli = fit_tiny("quickstart.yaml", tmp_path)
     monitors = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationMonitor)]
     assert len(monitors) == 1
     monitor = monitors[0]
@@ -69,21 +74,7 @@ def test_explanation_quality_config_fast_dev_run(tmp_path):
     """The ground-truth config trains, scores every configured method and metric, and runs the sanity check."""
     from lightning_xai.callbacks import ExplanationQuality, SanityCheck
 
-    cli = main(
-        [
-            "fit",
-            "--config",
-            os.path.join(ROOT, "examples", "configs", "explanation_quality.yaml"),
-            "--trainer.fast_dev_run=true",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--data.init_args.n_train=32",
-            "--data.init_args.n_val=16",
-            "--data.init_args.n_test=16",
-            "--data.init_args.image_size=32",
-            "--data.init_args.batch_size=16",
-        ]
-    )
+    cli = fit_tiny("explanation_quality.yaml", tmp_path)
     (quality,) = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationQuality)]
     (sanity,) = [c for c in cli.trainer.callbacks if isinstance(c, SanityCheck)]
     assert len(quality.history) == 1
