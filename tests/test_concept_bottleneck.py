@@ -400,3 +400,40 @@ def test_staged_modes_under_plain_ddp_ask_for_find_unused_parameters():
         model.on_fit_start()
     model._trainer = SimpleNamespace(max_epochs=3, strategy=DDPStrategy(find_unused_parameters=True))
     model.on_fit_start()  # accepted
+
+
+class LearningRates(pl.Callback):
+    """The learning rate of every parameter group before each optimiser step."""
+
+    def __init__(self) -> None:
+        self.rates: list[list[float]] = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.rates.append([group["lr"] for group in optimizer.param_groups])
+
+
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_cosine_schedule_gives_each_stage_its_own_cycle(datamodule, mode):
+    """With one cosine over the whole fit the head stage (the last epochs) would train at a rate close to zero."""
+    model = ConceptBottleneckModel(
+        backbone=tiny_backbone(), mode=mode, concept_epochs=2, lr=0.01, head_lr=0.1, scheduler="cosine"
+    )
+    rates = LearningRates()
+    trainer(max_epochs=4, limit_train_batches=3, limit_val_batches=1, callbacks=[rates]).fit(model, datamodule)
+    steps = np.array(rates.rates)  # [12 steps, 2 groups]: concept model, head
+    assert steps.shape == (12, 2)
+    concept, head = steps[:6], steps[6:]
+    np.testing.assert_allclose(concept[0], [0.01, 0.1])  # both at their full rates at the start
+    np.testing.assert_allclose(head[0], [0.0, 0.1], atol=1e-12)  # the concept model's cycle has ended
+    assert (np.diff(concept[:, 0]) < 0).all() and (concept[:, 1] == 0.1).all()
+    # the head's own 6-step cycle (one cosine over all 12 steps would start the head stage at 0.05)
+    np.testing.assert_allclose(head[:, 1], 0.1 * 0.5 * (1 + np.cos(np.pi * np.arange(6) / 6)), rtol=1e-6)
+
+
+def test_cosine_schedule_spans_the_whole_fit_in_joint_mode(datamodule):
+    model = ConceptBottleneckModel(backbone=tiny_backbone(), mode="joint", lr=0.01, scheduler="cosine")
+    rates = LearningRates()
+    trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, callbacks=[rates]).fit(model, datamodule)
+    concept = np.array(rates.rates)[:, 0]
+    np.testing.assert_allclose(concept[0], 0.01)
+    assert (np.diff(concept) < 0).all()

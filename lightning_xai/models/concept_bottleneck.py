@@ -571,6 +571,35 @@ class ConceptBottleneckModel(XAIModule):
             groups[1]["lr"] = self.head_lr
         return [g for g in groups if g["params"]]
 
+    def configure_optimizers(self) -> Any:
+        """The base class's optimiser; with ``scheduler="cosine"`` in ``"independent"`` / ``"sequential"`` mode each
+        stage gets its own cosine cycle: the concept model's rate anneals over the concept epochs, the head's over
+        the task epochs (it keeps its full rate until then). One cosine over the whole fit would leave the head
+        stage, at the end of the run, with a rate close to zero."""
+        configured = super().configure_optimizers()
+        if self.scheduler_name is None or self.mode not in ("independent", "sequential"):
+            return configured
+        optimizer = configured["optimizer"]
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError("scheduler='cosine' needs a finite training length: set max_epochs")
+        per_epoch = self.trainer.estimated_stepping_batches / max_epochs
+        concept_steps = max(1, round(self.concept_epochs * per_epoch))
+        task_steps = max(1, round((max_epochs - self.concept_epochs) * per_epoch))
+
+        def concept_rate(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, concept_steps) / concept_steps))
+
+        def head_rate(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(max(step - concept_steps, 0), task_steps) / task_steps))
+
+        # optimizer_parameters() lists the concept model's group first, then the head's (empty groups are dropped)
+        has_backbone = any(p.requires_grad for p in self.backbone.parameters())
+        has_head = any(p.requires_grad for p in self.head.parameters())
+        rates = [rate for rate, present in ((concept_rate, has_backbone), (head_rate, has_head)) if present]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rates)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
     def _check_concept_labels(self, concept_labels: Tensor) -> Tensor:
         if concept_labels.ndim != 2 or concept_labels.shape[1] != self.num_concepts:
             raise ValueError(
