@@ -2,7 +2,7 @@
 
     python benchmarks/attribution.py                 # resnet18 (random weights), batch 8 of 3x64x64, CPU
     python benchmarks/attribution.py --quick         # fewer repeats
-    python benchmarks/attribution.py --memory        # also peak RSS per method (one subprocess each)
+    python benchmarks/attribution.py --memory        # also the peak extra memory per method (a subprocess each)
     python benchmarks/attribution.py --peers         # also Captum / Zennit / pytorch-grad-cam if installed
 
 Columns: median wall time; ``ratio`` = time / (one forward + input-gradient pass); ``per unit`` = ratio divided
@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,20 +140,50 @@ def reference_passes(model, x, target, repeats: int) -> tuple[float, float]:
     return median_time(fwd_bwd, repeats), median_time(fwd, repeats)
 
 
-def peak_rss_mb(spec: dict | None, batch: int, size: int, threads: int) -> float:
-    """Peak resident memory (MB) of a fresh process that runs the method once (includes torch's own ~MBs);
-    ``spec=None`` runs the reference forward + input-gradient pass instead."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_extra_memory(spec_json: str, batch: int, size: int, threads: int) -> None:
+    """Child process of :func:`peak_extra_mb`: prints the peak resident memory (MB) *added* while the method (or,
+    for ``"null"``, the reference pass) runs once, over the resident memory just before the call. Sampled every
+    millisecond from ``/proc/self/statm`` (torch's large CPU tensors are ``mmap``-ed and returned on free, so the
+    resident set follows the live tensors). Linux only."""
+    torch.set_num_threads(threads)
+    model, x, target = build_setup(batch, size)
+    spec = json.loads(spec_json)
     if spec is None:
-        call = "reference_passes(m,x,t,1)"
+        run = lambda: reference_passes(model, x, target, 1)  # noqa: E731
     else:
-        call = f"a.build_attributor(json.loads({json.dumps(spec)!r}))(m,x,t)"
+        attributor = build_attributor(spec)
+        run = lambda: attributor(model, x, target)  # noqa: E731
+    base = _resident_bytes()
+    peak, done = [base], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _resident_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], _resident_bytes())
+    print((peak[0] - base) / 2**20)
+
+
+def peak_extra_mb(spec: dict | None, batch: int, size: int, threads: int) -> float:
+    """Peak extra resident memory (MB) of one run of the method in a fresh process (see
+    :func:`measure_extra_memory`); ``spec=None`` measures the reference forward + input-gradient pass."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
-        f"import json,resource,sys,torch; sys.path.insert(0, {root!r}); torch.set_num_threads({threads});"
-        "from benchmarks.attribution import build_setup, reference_passes;"
-        "import lightning_xai.attribution as a;"
-        f"m,x,t=build_setup({batch},{size}); {call};"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
+        f"import sys; sys.path.insert(0, {root!r}); from benchmarks.attribution import measure_extra_memory;"
+        f"measure_extra_memory({json.dumps(spec)!r}, {batch}, {size}, {threads})"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -164,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats")
-    parser.add_argument("--memory", action="store_true", help="peak RSS per method (a subprocess each)")
+    parser.add_argument("--memory", action="store_true", help="peak extra memory per method (a subprocess each)")
     parser.add_argument("--peers", action="store_true", help="time Captum / Zennit / pytorch-grad-cam if installed")
     parser.add_argument("--only", nargs="*", default=None, help="registry names to run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
@@ -190,12 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         f"(forward/fwd+bwd = {t_f / t_fb:.2f})"
     )
     if args.memory:
-        reference_mb = peak_rss_mb(None, args.batch, args.size, threads)
-        print(f"peak RSS of a process running the reference pass: {reference_mb:.0f} MB")
+        reference_mb = peak_extra_mb(None, args.batch, args.size, threads)
+        print(f"peak extra memory of the reference pass: {reference_mb:.0f} MB (mem x = method / reference)")
     print()
     header = f"| {'method':34s} | {'time ms':>9s} | {'ratio':>7s} | {'per unit':>8s} | {'target':>6s} | {'ok':3s} |"
     if args.memory:
-        header += " peak RSS MB |"
+        header += " extra MB | mem x |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for case in cases(channels, windows, pd_windows, patterns):
@@ -210,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         tgt = "" if case.target is None else f"{case.target:.2f}"
         row = f"| {case.label:34s} | {t * 1e3:9.1f} | {ratio:7.2f} | {per_unit:8.3f} | {tgt:>6s} | {ok:3s} |"
         if args.memory:
-            row += f" {peak_rss_mb(case.spec, args.batch, args.size, threads):11.0f} |"
+            extra = peak_extra_mb(case.spec, args.batch, args.size, threads)
+            row += f" {extra:8.0f} | {extra / reference_mb:5.1f} |"
         print(row, flush=True)
     shutil.rmtree(patterns_dir, ignore_errors=True)
     if args.peers:

@@ -369,8 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=None, help="training images (default 2000; quick: 1000)")
     p.add_argument("--n-test", type=int, default=500, help="test-split images for the accuracy")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 10; quick: 5)")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; quick: 5)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam rate (SmallCNN is tuned for 1e-2)")
     p.add_argument("--train-batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=None, help="fixed evaluation images (default 32; quick: 12)")
     p.add_argument("--sanity-images", type=int, default=None, help="randomisation-test images (default 4; quick: 2)")
@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {
         "seeds": [0] if quick else [0, 1, 2],
         "n_train": 1000 if quick else 2000,
-        "epochs": 5 if quick else 10,
+        "epochs": 5 if quick else 15,
         "images": 12 if quick else 32,
         "sanity_images": 2 if quick else 4,
         "curve_steps": 8 if quick else 16,
