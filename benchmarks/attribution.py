@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -208,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     feature = args.size // 32
     windows = ((args.size - 16) // 8 + 1) ** 2
     pd_windows = (args.size // 8) ** 2
-    patterns_dir = tempfile.mkdtemp(prefix="lxai-patterns-")
-    patterns = os.path.join(patterns_dir, "resnet18.pt")
+    patterns_dir = tempfile.TemporaryDirectory(prefix="lxai-patterns-")  # removed at exit, also after an error
+    patterns = os.path.join(patterns_dir.name, "resnet18.pt")
     fit_patterns(model, [x]).save(patterns)  # the patterns of the benchmark batch itself (a cost-only set-up)
     t_fb, t_f = reference_passes(model, x, target, repeats)
     print(
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             extra = peak_extra_mb(case.spec, args.batch, args.size, threads)
             row += f" {extra:8.0f} | {extra / reference_mb:5.1f} |"
         print(row, flush=True)
-    shutil.rmtree(patterns_dir, ignore_errors=True)
+    patterns_dir.cleanup()
     if args.peers:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from benchmarks.peers import run_peers

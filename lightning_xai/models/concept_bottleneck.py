@@ -562,10 +562,11 @@ class ConceptBottleneckModel(XAIModule):
 
     # ------------------------------------------------------------------------------------------------ training
     def optimizer_parameters(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """Two parameter groups: the concept model (``lr``) and the head (``head_lr``, default ``lr``)."""
+        """Two parameter groups: the concept model (``lr``) and the head (``head_lr``, default ``lr``), each tagged
+        with the ``"stage"`` it trains in (``"concepts"`` / ``"task"``) for the per-stage schedule."""
         groups = [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad]},
-            {"params": [p for p in self.head.parameters() if p.requires_grad]},
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "stage": "concepts"},
+            {"params": [p for p in self.head.parameters() if p.requires_grad], "stage": "task"},
         ]
         if self.head_lr is not None:
             groups[1]["lr"] = self.head_lr
@@ -593,11 +594,9 @@ class ConceptBottleneckModel(XAIModule):
         def head_rate(step: int) -> float:
             return 0.5 * (1 + math.cos(math.pi * min(max(step - concept_steps, 0), task_steps) / task_steps))
 
-        # optimizer_parameters() lists the concept model's group first, then the head's (empty groups are dropped)
-        has_backbone = any(p.requires_grad for p in self.backbone.parameters())
-        has_head = any(p.requires_grad for p in self.head.parameters())
-        rates = [rate for rate, present in ((concept_rate, has_backbone), (head_rate, has_head)) if present]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rates)
+        # each parameter group carries the stage it trains in (see optimizer_parameters)
+        rates = {"concepts": concept_rate, "task": head_rate}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [rates[g["stage"]] for g in optimizer.param_groups])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _check_concept_labels(self, concept_labels: Tensor) -> Tensor:
