@@ -37,6 +37,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_xai.distributed import DistributedReducer, Reducer, default_reducer
+
 __all__ = ["DistributedReducer", "QuantileSketch", "Reducer", "default_reducer"]
 
 _MANTISSA_BITS = 23
@@ -326,86 +328,3 @@ class QuantileSketch:
             f"QuantileSketch(num_units={self.num_units}, bins={self.bins}, resolution_bits={self.resolution_bits}, "
             f"floor_exponent={self.floor_exponent})"
         )
-
-
-# ---------------------------------------------------------------------------------------------------- reduction
-class Reducer:
-    """Combines a tensor over all processes: ``reducer(tensor, op)`` with ``op`` one of ``"sum"``, ``"min"``,
-    ``"max"`` (elementwise, same shape back) or ``"gather"`` (``[world_size, *shape]``, in rank order).
-
-    This base class is the single-process reducer (every op returns the local value); see
-    :class:`DistributedReducer`. Pass your own subclass to run the reductions through another backend.
-    """
-
-    OPS = ("sum", "min", "max", "gather")
-
-    @property
-    def world_size(self) -> int:
-        return 1
-
-    def __call__(self, tensor: Tensor, op: str) -> Tensor:
-        self._check(tensor, op)
-        return tensor[None] if op == "gather" else tensor
-
-    def _check(self, tensor: Tensor, op: str) -> None:
-        if op not in self.OPS:
-            raise ValueError(f"unknown reduction {op!r}; valid ones: {list(self.OPS)}")
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"can only reduce tensors, got {type(tensor).__name__}")
-
-
-class DistributedReducer(Reducer):
-    """Reductions with :mod:`torch.distributed` (identical to :class:`Reducer` when it is not initialised).
-
-    Args:
-        device: where the collectives run; ``None`` picks the current CUDA device for the NCCL backend and the
-            tensor's own device otherwise. Results come back on the input's device.
-        group: the process group (default: the world).
-    """
-
-    def __init__(self, device: torch.device | str | None = None, group: object | None = None) -> None:
-        self.device = None if device is None else torch.device(device)
-        self.group = group
-
-    @staticmethod
-    def _active() -> bool:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized()
-
-    @property
-    def world_size(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_world_size(self.group) if self._active() else 1
-
-    def _device_for(self, tensor: Tensor) -> torch.device:
-        import torch.distributed as dist
-
-        if self.device is not None:
-            return self.device
-        if dist.get_backend(self.group) == "nccl" and tensor.device.type != "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
-        return tensor.device
-
-    def __call__(self, tensor: Tensor, op: str) -> Tensor:
-        self._check(tensor, op)
-        if not self._active() or self.world_size == 1:
-            return super().__call__(tensor, op)
-        import torch.distributed as dist
-
-        local = tensor.detach().to(self._device_for(tensor)).contiguous().clone()
-        if op == "gather":
-            parts = [torch.empty_like(local) for _ in range(self.world_size)]
-            dist.all_gather(parts, local, group=self.group)
-            result = torch.stack(parts)
-        else:
-            reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
-            dist.all_reduce(local, op=reduce_op, group=self.group)
-            result = local
-        return result.to(tensor.device)
-
-
-def default_reducer() -> Reducer:
-    """:class:`DistributedReducer` when :mod:`torch.distributed` is initialised, else the local :class:`Reducer`."""
-    return DistributedReducer() if DistributedReducer._active() else Reducer()
