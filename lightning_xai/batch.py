@@ -1,0 +1,272 @@
+"""Reading inputs, labels and masks out of batches, and logits out of model outputs - written once for every layer.
+
+A user's run may yield batches as a tensor, a tuple ``(x, y, ...)``, a dict with any keys, or an object with
+attributes (a dataclass, a HuggingFace ``BatchEncoding``), and its model may return a tensor, a tuple, a dict or a
+HuggingFace-style output with ``.logits``. :class:`BatchReader` and :class:`OutputReader` read them with sensible
+defaults and take an explicit key (a dict key, an attribute name, a tuple position) or a callable when the defaults
+do not fit. A batch or output they cannot read raises a :class:`ValueError` naming what was found and the argument
+that configures it. Pure torch: usable from a notebook, from attributors, metrics, callbacks and models alike.
+
+:func:`outputs_as_logits` makes any model look like a ``x -> logits`` model for the duration of a ``with`` block
+(a forward hook on the root module, removed on exit), so that every attributor and metric works on models whose
+``forward`` returns a dict or an object, without renaming any layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "INPUT_KEYS",
+    "LABEL_KEYS",
+    "MASK_KEYS",
+    "OUTPUT_KEYS",
+    "BatchReader",
+    "Key",
+    "OutputReader",
+    "Sample",
+    "outputs_as_logits",
+    "read_logits",
+]
+
+#: A field of a batch: a dict key or attribute name, a tuple position, or a callable ``batch -> value``.
+Key = str | int | Callable[[Any], Any]
+
+INPUT_KEYS = ("image", "images", "pixel_values", "input", "inputs", "x", "input_ids", "data")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes")
+MASK_KEYS = ("mask", "masks", "evidence_mask", "segmentation", "gt_mask")
+OUTPUT_KEYS = ("logits", "logit", "output", "outputs", "scores", "y_hat", "preds", "prediction")
+
+
+@dataclass
+class Sample:
+    """What a batch (or one dataset item) holds for the library: the model input, and labels / masks if any."""
+
+    inputs: Any
+    labels: Tensor | None = None
+    masks: Tensor | None = None
+
+
+def _fields(batch: Any) -> list[str]:
+    """The names a user could pass as a key, for error messages."""
+    if isinstance(batch, Mapping):
+        return [str(k) for k in batch]
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        return [f"{i} ({type(v).__name__})" for i, v in enumerate(batch)]
+    names = [n for n in vars(batch)] if hasattr(batch, "__dict__") else []
+    return [n for n in names if not n.startswith("_")]
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"a Tensor of shape {list(batch.shape)}"
+    return f"a {type(batch).__name__} with fields {_fields(batch)}"
+
+
+def _get(batch: Any, key: Key) -> Any:
+    if callable(key):
+        return key(batch)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return batch[key]
+    if isinstance(batch, Mapping):
+        return batch[key]
+    return getattr(batch, key)
+
+
+def _find(batch: Any, keys: Sequence[str]) -> Any:
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in keys if k in batch), None)
+    return next((getattr(batch, k) for k in keys if getattr(batch, k, None) is not None), None)
+
+
+def _valid_key(key: object) -> bool:
+    return key is None or (not isinstance(key, bool) and (isinstance(key, (str, int)) or callable(key)))
+
+
+def _as_tensor(value: Any) -> Tensor | None:
+    if value is None or isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+class BatchReader:
+    """Reads ``(inputs, labels, masks)`` from a batch or a dataset item.
+
+    Args:
+        input_key: where the model input is; ``None`` finds it: a tensor batch is the input, a tuple's first
+            element, a dict's or object's first field among :data:`INPUT_KEYS`.
+        label_key: where the labels are; ``None``: a tuple's second element, else the first of :data:`LABEL_KEYS`
+            (no labels if none is found).
+        mask_key: where ground-truth masks are; ``None``: a tuple's third element when it is a tensor, else the
+            first of :data:`MASK_KEYS`.
+        owner: who reads (named in error messages, e.g. the callback's class name).
+
+    Each key is a dict key or attribute name (``"pixel_values"``), a tuple position (``0``) or a callable
+    ``batch -> value``.
+    """
+
+    def __init__(
+        self,
+        input_key: Key | None = None,
+        label_key: Key | None = None,
+        mask_key: Key | None = None,
+        *,
+        owner: str | None = None,
+    ) -> None:
+        for name, key in (("input_key", input_key), ("label_key", label_key), ("mask_key", mask_key)):
+            if not _valid_key(key):
+                raise ValueError(
+                    f"{owner + ': ' if owner else ''}{name} must be a key (str), a position (int), a callable "
+                    f"or None, got {key!r}"
+                )
+        self.input_key = input_key
+        self.label_key = label_key
+        self.mask_key = mask_key
+        self.owner = owner
+
+    def _where(self) -> str:
+        return f"{self.owner}: " if self.owner else ""
+
+    def read(self, batch: Any) -> Sample:
+        """The sample's ``inputs`` (required), ``labels`` and ``masks`` (``None`` where absent)."""
+        return Sample(self.inputs(batch), self.labels(batch), self.masks(batch))
+
+    __call__ = read
+
+    def inputs(self, batch: Any) -> Any:
+        if self.input_key is not None:
+            try:
+                return _get(batch, self.input_key)
+            except (KeyError, AttributeError, IndexError, TypeError) as err:
+                raise ValueError(
+                    f"{self._where()}input_key={self.input_key!r} is not in the batch ({_describe(batch)})"
+                ) from err
+        if isinstance(batch, Tensor):
+            return batch
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 0:
+            return batch[0]
+        found = _find(batch, INPUT_KEYS)
+        if found is None:
+            raise ValueError(
+                f"{self._where()}cannot find the model input in {_describe(batch)}; none of the default keys "
+                f"{list(INPUT_KEYS)} is there: pass input_key= (a key, a position or a callable)"
+            )
+        return found
+
+    def labels(self, batch: Any) -> Tensor | None:
+        if self.label_key is not None:
+            try:
+                return _as_tensor(_get(batch, self.label_key))
+            except (KeyError, AttributeError, IndexError, TypeError) as err:
+                raise ValueError(
+                    f"{self._where()}label_key={self.label_key!r} is not in the batch ({_describe(batch)})"
+                ) from err
+        if isinstance(batch, Tensor):
+            return None
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+            return _as_tensor(batch[1]) if len(batch) > 1 else None
+        return _as_tensor(_find(batch, LABEL_KEYS))
+
+    def masks(self, batch: Any) -> Tensor | None:
+        if self.mask_key is not None:
+            try:
+                return _as_tensor(_get(batch, self.mask_key))
+            except (KeyError, AttributeError, IndexError, TypeError) as err:
+                raise ValueError(
+                    f"{self._where()}mask_key={self.mask_key!r} is not in the batch ({_describe(batch)})"
+                ) from err
+        if isinstance(batch, Tensor):
+            return None
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+            return batch[2] if len(batch) > 2 and isinstance(batch[2], Tensor) else None
+        value = _find(batch, MASK_KEYS)
+        return value if isinstance(value, Tensor) else None
+
+    def __repr__(self) -> str:
+        return f"BatchReader(input_key={self.input_key!r}, label_key={self.label_key!r}, mask_key={self.mask_key!r})"
+
+
+class OutputReader:
+    """Reads the logits (the tensor targets are taken from) out of a model's output.
+
+    Args:
+        output_key: ``None`` finds them: a tensor is returned as is, a tuple/list gives its first element, a dict
+            or an object (a HuggingFace ``ModelOutput``) its first field among :data:`OUTPUT_KEYS`; otherwise a dict
+            key / attribute name, a tuple position or a callable ``output -> Tensor``.
+        owner: who reads (named in error messages).
+    """
+
+    def __init__(self, output_key: Key | None = None, *, owner: str | None = None) -> None:
+        if not _valid_key(output_key):
+            raise ValueError(
+                f"{owner + ': ' if owner else ''}output_key must be a key (str), a position (int), a callable or "
+                f"None, got {output_key!r}"
+            )
+        self.output_key = output_key
+        self.owner = owner
+
+    def __call__(self, output: Any) -> Tensor:
+        where = f"{self.owner}: " if self.owner else ""
+        if self.output_key is not None:
+            try:
+                value = _get(output, self.output_key)
+            except (KeyError, AttributeError, IndexError, TypeError) as err:
+                raise ValueError(
+                    f"{where}output_key={self.output_key!r} is not in the model output ({_describe(output)})"
+                ) from err
+        elif isinstance(output, Tensor):
+            return output
+        elif isinstance(output, Sequence) and not isinstance(output, (str, bytes)) and len(output) > 0:
+            value = output[0]
+        else:
+            value = _find(output, OUTPUT_KEYS)
+            if value is None and isinstance(output, Mapping):
+                tensors = [v for v in output.values() if isinstance(v, Tensor)]
+                value = tensors[0] if len(tensors) == 1 else None
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"{where}cannot read logits from the model output ({_describe(output)}); none of the default keys "
+                f"{list(OUTPUT_KEYS)} holds a tensor: pass output_key= (a key, a position or a callable)"
+            )
+        return value
+
+    def __repr__(self) -> str:
+        return f"OutputReader(output_key={self.output_key!r})"
+
+
+def read_logits(output: Any) -> Tensor:
+    """The logits of a model output with the default rules of :class:`OutputReader`."""
+    return _DEFAULT_OUTPUT(output)
+
+
+_DEFAULT_OUTPUT = OutputReader()
+
+
+@contextmanager
+def outputs_as_logits(model: nn.Module, reader: OutputReader | None = None) -> Iterator[nn.Module]:
+    """Within the block, ``model(x)`` returns ``reader(original output)`` (a forward hook on the root module).
+
+    A model whose output already is a tensor (and no ``reader`` was given) is left alone. The hook is removed on
+    exit, also when the block raises.
+    """
+    reader = _DEFAULT_OUTPUT if reader is None else reader
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Tensor:
+        if isinstance(output, Tensor) and reader.output_key is None:
+            return output
+        return reader(output)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
