@@ -12,14 +12,15 @@ import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
 from PIL import Image
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.callbacks import ExplanationMonitor
+from lightning_xai.namespace import pl
+
+ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 METHODS = ["saliency", {"name": "integrated_gradients", "steps": 8}, {"name": "gradcam", "layer": "features"}]
 
@@ -82,7 +83,7 @@ def test_validate_under_inference_mode_matches_direct_call(tmp_path):
 
 def test_wandb_offline_run_has_nonblank_uint8_images(tmp_path):
     wandb = pytest.importorskip("wandb")
-    from pytorch_lightning.loggers import WandbLogger
+    WandbLogger = pl.loggers.WandbLogger
 
     logger = WandbLogger(project="xai-test", save_dir=str(tmp_path), offline=True)
     monitor = ExplanationMonitor(METHODS[:2], num_samples=3, png_dir="")
