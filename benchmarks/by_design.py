@@ -39,7 +39,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_xai.data.concepts import ConceptDataModule
@@ -52,6 +51,7 @@ from lightning_xai.models.concept_whitening import (
     concept_purity,
     orthogonality_error,
 )
+from lightning_xai.namespace import pl
 
 CW_CONCEPTS = [f"shape:{s}" for s in ("circle", "square", "triangle", "cross")] + [
     f"colour:{c}" for c in ("red", "green", "blue", "yellow")

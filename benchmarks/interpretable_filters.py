@@ -31,7 +31,6 @@ import argparse
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_xai.attribution.layers import capture_layer
@@ -47,6 +46,7 @@ from lightning_xai.models.interpretable_filters import (
     location_instability,
     mask_feature_map,
 )
+from lightning_xai.namespace import pl
 
 NUM_CLASSES = 6
 LAYER = "backbone.features"

@@ -38,12 +38,12 @@ import tempfile
 import time
 import warnings
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_xai.data import GroundTruthDataModule
 from lightning_xai.models.classifier import ImageClassifier
 from lightning_xai.models.protopnet import ProtoPNet, l2_distances
+from lightning_xai.namespace import pl
 
 
 class PrePush(pl.Callback):

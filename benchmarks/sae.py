@@ -35,13 +35,13 @@ import time
 import warnings
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai.models.activations import ActivationCache, ActivationSource, CachedActivationBatches
 from lightning_xai.models.backbones import SmallCNN, build_backbone
 from lightning_xai.models.sae import ReLUSAEConfig, SAEConfig, SparseAutoencoder, TopKSAEConfig, build_sae
+from lightning_xai.namespace import pl
 
 warnings.filterwarnings("ignore")
 

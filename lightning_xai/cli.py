@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.cli import LightningCLI
-
 # Importing the packages registers every attributor name and makes the classes importable by class_path.
 import lightning_xai.attribution
 import lightning_xai.callbacks
 import lightning_xai.data
 import lightning_xai.models  # noqa: F401
+from lightning_xai.namespace import LightningCLI, pl
 
 __all__ = ["main"]
 

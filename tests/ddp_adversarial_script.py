@@ -11,9 +11,10 @@ import json
 import os
 import sys
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from lightning_xai.namespace import pl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lightning_helpers import BlobData

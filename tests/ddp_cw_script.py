@@ -16,13 +16,13 @@ import json
 import os
 import sys
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_xai.data.concepts import ConceptScenes
 from lightning_xai.models.concept_whitening import ConceptWhiteningClassifier
+from lightning_xai.namespace import pl
 
 GLOBAL_BATCH = 16
 CONCEPTS = ["shape:circle", "colour:red", "texture:stripes"]

@@ -17,7 +17,6 @@ import os
 import sys
 import warnings
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_xai.data.concepts import ConceptDataModule
@@ -26,6 +25,7 @@ from lightning_xai.models.backbones import SmallCNN
 from lightning_xai.models.net2vec import ConceptMaskDataModule, Net2Vec
 from lightning_xai.models.probes import ConceptProbes
 from lightning_xai.models.sae import SparseAutoencoder, TopKSAEConfig
+from lightning_xai.namespace import pl
 
 N_TRAIN, N_VAL, IMAGE_SIZE, WIDTH = 32, 16, 24, 4
 

@@ -3,10 +3,11 @@ so that callback tests fail only for callback bugs). Also imported by the DDP su
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xai.namespace import pl
 
 
 def blob_dataset(n: int = 64, size: int = 16, seed: int = 0) -> TensorDataset:

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from helpers import GapCNN, assert_unchanged, put_in_train_mode_with_grads, snapshot
 from torch import nn
@@ -25,6 +24,7 @@ from lightning_xai.models.activations import (
     load_weights,
     model_fingerprint,
 )
+from lightning_xai.namespace import pl
 
 
 def _images(n: int = 4, size: int = 8, seed: int = 0) -> torch.Tensor:

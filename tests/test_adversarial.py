@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def quiet_trainer(**kwargs):
-    import pytorch_lightning as pl
+    from lightning_xai.namespace import pl
 
     defaults = dict(
         accelerator="cpu",
@@ -316,7 +316,7 @@ def test_robust_training_relies_on_the_robust_feature_tsipras_toy():
 
 def test_mixin_on_another_module_with_dict_batches_and_non_logit_outputs():
     """The documented recipe: mixin first, configure_adversarial, and the layout hooks for other batches."""
-    import pytorch_lightning as pl
+    from lightning_xai.namespace import pl
 
     class DictModel(pl.LightningModule):
         def __init__(self):

@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from helpers import assert_unchanged, put_in_train_mode_with_grads, snapshot
@@ -21,6 +20,7 @@ from lightning_xai.models.concept_bottleneck import (
     column_quantiles,
     log_intervention_curve,
 )
+from lightning_xai.namespace import pl
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 K = 18  # ConceptScenes concepts (no tag)
@@ -392,7 +392,7 @@ def test_example_config_runs_with_the_cli(tmp_path):
 def test_staged_modes_under_plain_ddp_ask_for_find_unused_parameters():
     from types import SimpleNamespace
 
-    from pytorch_lightning.strategies import DDPStrategy
+    DDPStrategy = pl.strategies.DDPStrategy
 
     model = ConceptBottleneckModel(backbone=tiny_backbone(), mode="sequential", concept_epochs=1)
     model._trainer = SimpleNamespace(max_epochs=3, strategy=DDPStrategy())

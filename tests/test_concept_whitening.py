@@ -12,7 +12,6 @@ import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from helpers import assert_unchanged, snapshot
 from torch import nn
@@ -33,6 +32,7 @@ from lightning_xai.models.concept_whitening import (
     replace_batchnorm,
     zca_inverse_sqrt,
 )
+from lightning_xai.namespace import pl
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 

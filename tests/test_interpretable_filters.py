@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def quiet_trainer(**kwargs):
-    import pytorch_lightning as pl
+    from lightning_xai.namespace import pl
 
     defaults = dict(
         accelerator="cpu",

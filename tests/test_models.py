@@ -10,7 +10,6 @@ import time
 import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_xai.attribution.layers import capture_layer, default_layer
 from lightning_xai.data import GroundTruthDataModule
 from lightning_xai.models import BACKBONES, ImageClassifier, SmallCNN, VGGSmall, XAIModule, build_backbone
+from lightning_xai.namespace import pl
 
 
 def _trainer(**kwargs) -> pl.Trainer:
@@ -238,7 +238,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 def test_lightning_cli_builds_model_and_data_from_yaml(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["lightning-xai"])  # pytest's own arguments are not for the CLI
     pytest.importorskip("jsonargparse")
-    from pytorch_lightning.cli import LightningCLI
+    from lightning_xai.namespace import LightningCLI
 
     config = tmp_path / "config.yaml"
     config.write_text(
@@ -280,7 +280,7 @@ trainer:
 
 _DDP_SCRIPT = """
 import json, os, sys
-import pytorch_lightning as pl
+from lightning_xai.namespace import pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from lightning_xai.models import ImageClassifier, SmallCNN

@@ -11,7 +11,6 @@ import sys
 import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,6 +18,7 @@ from lightning_xai.data.concepts import ConceptDataModule
 from lightning_xai.models.activations import ActivationBatch
 from lightning_xai.models.net2vec import ConceptMaskDataModule, Net2Vec, SetIoU, set_iou_counts
 from lightning_xai.models.probes import ConceptProbes, balanced_bce
+from lightning_xai.namespace import pl
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 

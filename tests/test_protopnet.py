@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from helpers import assert_unchanged, snapshot
@@ -25,6 +24,7 @@ from lightning_xai.models.protopnet import (
     log_similarity,
     receptive_field,
 )
+from lightning_xai.namespace import pl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -342,7 +342,7 @@ def test_explanation_table_and_gallery_are_logged_as_files(tmp_path):
 
 def test_wandb_offline_gets_the_explanation_table(tmp_path):
     wandb = pytest.importorskip("wandb")
-    from pytorch_lightning.loggers import WandbLogger
+    WandbLogger = pl.loggers.WandbLogger
 
     model, data = _push_setup()
     model.push(data)
@@ -399,7 +399,7 @@ def test_fit_runs_the_stages_on_the_right_parameters_and_pushes(tmp_path):
     pl.seed_everything(0)
     model = tiny_model(warm_epochs=1, joint_epochs=1, last_layer_epochs=1, lr=0.01, explain_samples=2)
     snaps = ParameterSnapshots()
-    from pytorch_lightning.loggers import CSVLogger
+    CSVLogger = pl.loggers.CSVLogger
 
     trainer = quiet_trainer(max_epochs=3, callbacks=[snaps], logger=CSVLogger(str(tmp_path)), log_every_n_steps=1)
     trainer.fit(model, BlobData(n_train=24, n_val=8, size=16, batch_size=8))

@@ -10,10 +10,8 @@ import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from helpers import GapCNN
-from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai.models.activations import ActivationBatch, ActivationDataModule, ActivationSource
@@ -29,7 +27,9 @@ from lightning_xai.models.sae import (
     config_from_dict,
     config_to_dict,
 )
+from lightning_xai.namespace import pl
 
+CSVLogger = pl.loggers.CSVLogger
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 

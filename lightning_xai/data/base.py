@@ -5,9 +5,10 @@ from __future__ import annotations
 import abc
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_xai.namespace import pl
 
 __all__ = ["SPLITS", "InMemoryDataModule", "derive_seeds"]
 

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -62,6 +61,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.interpretation.quantiles import Reducer, default_reducer
+from lightning_xai.namespace import pl
 
 __all__ = [
     "CACHE_DTYPES",

@@ -8,9 +8,10 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from lightning_xai.namespace import pl
 
 __all__ = ["OPTIMIZERS", "SCHEDULERS", "XAIModule"]
 

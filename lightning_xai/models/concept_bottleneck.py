@@ -54,10 +54,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
@@ -66,6 +64,7 @@ from torchmetrics.utilities import dim_zero_cat
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.models.backbones import build_backbone
 from lightning_xai.models.base import XAIModule
+from lightning_xai.namespace import pl
 from lightning_xai.viz.logging import log_line_plot
 
 __all__ = [
@@ -771,7 +770,8 @@ class ConceptBottleneckModel(XAIModule):
                 f"{self.concept_epochs}"
             )
         strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
+        ddp = isinstance(strategy, pl.strategies.DDPStrategy)
+        if ddp and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
             raise ValueError(
                 f"mode={self.mode!r} leaves the head unused in the concept stage and the concept model unused in the "
                 "task stage, which plain DDP rejects: use strategy='ddp_find_unused_parameters_true'"

@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,6 +60,7 @@ from lightning_xai.models.probes import (
     sum_over_processes,
     world_size,
 )
+from lightning_xai.namespace import pl
 
 __all__ = ["ConceptMaskDataModule", "Net2Vec", "SetIoU", "set_iou_counts"]
 

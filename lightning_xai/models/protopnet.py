@@ -84,7 +84,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -94,6 +93,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
 from lightning_xai.models.base import XAIModule
+from lightning_xai.namespace import pl
 from lightning_xai.viz.logging import log_image, log_table
 from lightning_xai.viz.render import overlay, to_uint8_images
 
