@@ -11,15 +11,12 @@ from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradien
 from lightning_xai.attribution.guided import Deconvnet, GuidedBackprop, GuidedGradCAM
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
 from lightning_xai.attribution.lrp import LRP
+from lightning_xai.attribution.meaningful_perturbation import MeaningfulPerturbation
+from lightning_xai.attribution.occlusion import Occlusion
 from lightning_xai.attribution.pattern import PatternAttribution, PatternNet, PatternSet, fit_patterns
-from lightning_xai.attribution.perturbation import (
-    LIME,
-    RISE,
-    KernelSHAP,
-    MeaningfulPerturbation,
-    Occlusion,
-    PredictionDifference,
-)
+from lightning_xai.attribution.prediction_difference import PredictionDifference
+from lightning_xai.attribution.rise import RISE
+from lightning_xai.attribution.surrogate import LIME, KernelSHAP
 from lightning_xai.attribution.targets import ContrastiveTarget, contrastive_target
 
 __all__ = [

@@ -29,6 +29,9 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.batch import read_logits
+from lightning_xai.checks import check_int
+
 #: What to explain: a class index for the whole batch, a ``LongTensor[B]`` of class indices, or a callable
 #: mapping the model output to one score per sample (``output -> Tensor[B]``), e.g. ``lambda y: y[:, a] - y[:, b]``
 #: for "why a and not b".
@@ -43,6 +46,7 @@ __all__ = [
     "build_attributor",
     "chunk_slices",
     "gradient_context",
+    "model_logits",
     "model_state_guard",
     "select_scores",
     "validate_image_batch",
@@ -88,16 +92,29 @@ def validate_target(target: Target, batch_size: int, num_outputs: int | None) ->
     )
 
 
-def select_scores(output: Tensor, target: Target) -> Tensor:
+def model_logits(output: object) -> Tensor:
+    """The logits tensor of a model output: a tensor as it is; a dict, tuple or object with ``.logits`` through
+    :func:`lightning_xai.batch.read_logits`. For methods that need the whole output, not one score."""
+    if isinstance(output, Tensor):
+        return output
+    try:
+        return read_logits(output)
+    except ValueError as err:
+        raise TypeError(
+            f"cannot read logits from the model output ({type(output).__name__}): {err}; return a Tensor, a "
+            "dict with a 'logits' key, a tuple (logits, ...) or an object with .logits"
+        ) from err
+
+
+def select_scores(output: object, target: Target) -> Tensor:
     """Reduce the model output to the one score per sample that is explained, ``Tensor[B]``.
 
-    ``output`` is the model's output ``[B, C]`` (or any shape, when ``target`` is a callable).
+    ``output`` is the model's output: a tensor ``[B, C]`` (or any shape, when ``target`` is a callable), or any
+    format :func:`lightning_xai.batch.read_logits` reads - a dict with a ``"logits"`` key, a tuple whose first
+    element is the logits, an object with ``.logits`` (HuggingFace). The logits are read first, so a callable
+    target always receives the logits tensor.
     """
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"the model must return a Tensor (got {type(output).__name__}); wrap it, or pass a callable target "
-            "that maps its output to Tensor[B]"
-        )
+    output = model_logits(output)
     batch = output.shape[0]
     if callable(target):
         scores = target(output)
@@ -168,11 +185,10 @@ def chunk_slices(total: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, total))
 
 
-def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
-    """Validate an integer hyper-parameter at construction time."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+def check_positive_int(name: str, value: int, minimum: int = 1, *, owner: str | None = None) -> int:
+    """Validate an integer hyper-parameter (``>= minimum``): :func:`lightning_xai.checks.check_int`, kept under
+    this name because the evaluation and interpretation layers import it from here."""
+    return check_int(name, value, minimum=minimum, owner=owner)
 
 
 def input_gradient(scores: Tensor, inputs: Tensor, *, create_graph: bool = False) -> Tensor:
