@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH_PINS)
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" $(TORCH_PINS)   # dev: peers (bench) and TensorBoard too; pins kept
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,9 +19,12 @@ install: $(VENV)/.installed
 demo: install
 	WANDB_MODE=offline $(PY) examples/demo.py
 
+# The whole suite under `lightning.pytorch`, then every Trainer-building test (marked `lightning` by
+# tests/conftest.py) again under `pytorch_lightning` (slow trainings once only).
 test: install
 	$(VENV)/bin/ruff check lightning_xai tests examples benchmarks
 	$(PY) -m pytest -q
+	LIGHTNING_XAI_NAMESPACE=pytorch_lightning $(PY) -m pytest -q -m "lightning and not slow"
 
 lint: install
 	$(VENV)/bin/ruff check lightning_xai tests examples benchmarks

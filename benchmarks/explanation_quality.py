@@ -56,7 +56,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
@@ -71,6 +70,7 @@ from lightning_xai.evaluation import (
     RelevanceMass,
 )
 from lightning_xai.models import ImageClassifier
+from lightning_xai.namespace import pl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")

@@ -31,7 +31,6 @@ import argparse
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from lightning_xai.attribution import Saliency
@@ -41,6 +40,7 @@ from lightning_xai.evaluation import MaskIoU, RelevanceMass
 from lightning_xai.models import ImageClassifier
 from lightning_xai.models.adversarial import AdversarialClassifier, PGDAttack
 from lightning_xai.models.backbones import SmallCNN
+from lightning_xai.namespace import pl
 from lightning_xai.viz.render import explanation_grid, save_png, to_uint8_images
 
 NUM_CLASSES = 6

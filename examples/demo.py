@@ -21,8 +21,8 @@ import time
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import WandbLogger
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.data import GroundTruthDataModule

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytorch_lightning as pl
+import lightning.pytorch as pl
 from PIL import Image
 
 from lightning_xai.data import GroundTruthDataModule

@@ -11,6 +11,29 @@ from torch import nn
 torch.set_num_threads(1)
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    import lightning_xai.namespace as namespace
+
+    return f"lightning_xai builds on {namespace.NAME} (set LIGHTNING_XAI_NAMESPACE to run under the other one)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``lightning`` every test of a module that builds Trainers through ``lightning_xai.namespace``: CI runs
+    those a second time with ``LIGHTNING_XAI_NAMESPACE=pytorch_lightning`` (the README's test command), so that
+    every callback and model is tested under both Lightning namespaces without a copy of any test."""
+    sources: dict[str, bool] = {}
+    for item in items:
+        path = str(item.fspath)
+        if path not in sources:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    sources[path] = "from lightning_xai.namespace import" in f.read()
+            except OSError:
+                sources[path] = False
+        if sources[path]:
+            item.add_marker(pytest.mark.lightning)
+
+
 @pytest.fixture
 def linear_model() -> LinearModel:
     return LinearModel().eval()
