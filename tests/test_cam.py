@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,7 @@ def test_gradient_methods_match_a_hand_written_float64_reference(gap_cnn, layer)
         "gradcam": GradCAM(layer=layer, relu=False),
         "layercam": LayerCAM(layer=layer, relu=False),
         "gradcam_plus_plus_raw": GradCAMPlusPlus(layer=layer, relu=False, normalize_alpha=False),
-        "gradcam_plus_plus": GradCAMPlusPlus(layer=layer, relu=False),
+        "gradcam_plus_plus": GradCAMPlusPlus(layer=layer, relu=False, alpha_normalization="positive"),
     }
     for key, method in methods.items():
         got = method(gap_cnn, x, 1)
@@ -202,7 +203,7 @@ def test_gradcam_plus_plus_hand_computed_alpha():
     # normalised over the positive-gradient positions: alpha sum = 1/7 + 2/9 + 1/3 = 44/63 -> w = 101/440
     model = ToyScore([[0.5, -1.0], [0.25, 0.1]])
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
-    got = GradCAMPlusPlus(layer="feat")(model, a, 0)
+    got = GradCAMPlusPlus(layer="feat", alpha_normalization="positive")(model, a, 0)
     torch.testing.assert_close(got, a * 101 / 440)
     got_raw = GradCAMPlusPlus(layer="feat", normalize_alpha=False)(model, a, 0)
     torch.testing.assert_close(got_raw, a * 101 / 630)
@@ -214,6 +215,60 @@ def test_gradcam_plus_plus_hand_computed_alpha():
     )
 
 
+def _authors_gradcam_plus_plus(conv_output: np.ndarray, first_grad: np.ndarray, score: float) -> np.ndarray:
+    """Grad-CAM++ as the authors' released code computes it (github.com/adityac94/Grad_CAM_plus_plus,
+    ``misc/utils.py``), transcribed independently in numpy for one sample, channels-last ``[h, w, K]`` as there:
+    the exponential score's derivatives are ``exp(S) g``, ``exp(S) g^2``, ``exp(S) g^3``; alpha is divided by its
+    sum over **all** positions; the map before the final ReLU and max-normalisation is returned."""
+    exp_s = np.exp(score)
+    first = exp_s * first_grad
+    second = exp_s * first_grad**2
+    third = exp_s * first_grad**3
+    global_sum = np.sum(conv_output.reshape((-1, first_grad.shape[2])), axis=0)
+    alpha_num = second
+    alpha_denom = second * 2.0 + third * global_sum.reshape((1, 1, first_grad.shape[2]))
+    alpha_denom = np.where(alpha_denom != 0.0, alpha_denom, np.ones(alpha_denom.shape))
+    alphas = alpha_num / alpha_denom
+    weights = np.maximum(first, 0.0)
+    alpha_normalization_constant = np.sum(np.sum(alphas, axis=0), axis=0)
+    alpha_normalization_constant_processed = np.where(
+        alpha_normalization_constant != 0.0, alpha_normalization_constant, np.ones(alpha_normalization_constant.shape)
+    )
+    alphas /= alpha_normalization_constant_processed.reshape((1, 1, first_grad.shape[2]))
+    deep_linearization_weights = np.sum((weights * alphas).reshape((-1, first_grad.shape[2])), axis=0)
+    return np.sum(deep_linearization_weights * conv_output, axis=2)
+
+
+def test_gradcam_plus_plus_default_follows_the_authors_code_on_an_intermediate_layer(gap_cnn):
+    """Issue 12.2: the default alpha normalisation is the authors' (sum over all positions). On an intermediate
+    layer the gradient changes sign over the map, so it differs from the positive-only normalisation."""
+    x = _x(seed=3)
+    a, g = _gap_reference(gap_cnn, x, 2, "features.0")
+    with torch.no_grad():
+        scores = copy.deepcopy(gap_cnn).double().eval()(x.double())[:, 2]
+    got = GradCAMPlusPlus(layer="features.0", relu=False)(gap_cnn, x, 2)[:, 0].double()
+    for b in range(x.shape[0]):
+        # the authors' map carries the positive per-sample factor exp(S), which the library drops
+        expected = _authors_gradcam_plus_plus(
+            a[b].permute(1, 2, 0).numpy(), g[b].permute(1, 2, 0).numpy(), float(scores[b])
+        ) / np.exp(float(scores[b]))
+        np.testing.assert_allclose(got[b].numpy(), expected, rtol=1e-4, atol=1e-6)
+    positive = GradCAMPlusPlus(layer="features.0", relu=False, alpha_normalization="positive")(gap_cnn, x, 2)
+    assert (g < 0).any() and (g > 0).any()
+    assert not torch.allclose(positive[:, 0].double(), got, rtol=1e-2, atol=1e-4)
+
+
+def test_gradcam_plus_plus_hand_computed_authors_normalisation():
+    # as test_gradcam_plus_plus_hand_computed_alpha; alpha at g = -1 is 1 / (2 - 10) = -1/8 and is counted too:
+    # sum over all positions 1/7 - 1/8 + 2/9 + 1/3 = 289/504 -> w = (101/630) / (289/504) = 404/1445
+    model = ToyScore([[0.5, -1.0], [0.25, 0.1]])
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    torch.testing.assert_close(GradCAMPlusPlus(layer="feat")(model, a, 0), a * 404 / 1445)
+    torch.testing.assert_close(GradCAMPlusPlus(layer="feat", alpha_normalization="all")(model, a, 0), a * 404 / 1445)
+    with pytest.raises(ValueError, match=r"GradCAMPlusPlus: unknown alpha_normalization 'pos'.*'positive'"):
+        GradCAMPlusPlus(alpha_normalization="pos")
+
+
 def test_gradcam_plus_plus_zero_denominator_guard():
     # A = [[-1, -2], [-2, -3]] (sum -8), g = [[0.25, 0.5], [0, 0]]
     # g = 0.25: 2 g^2 + (-8) g^3 = 0.125 - 0.125 = 0 -> denominator 1 -> alpha = g^2 = 0.0625
@@ -223,7 +278,7 @@ def test_gradcam_plus_plus_zero_denominator_guard():
     a = torch.tensor([[-1.0, -2.0], [-2.0, -3.0]]).view(1, 1, 2, 2)
     got_raw = GradCAMPlusPlus(layer="feat", relu=False, normalize_alpha=False)(model, a, 0)
     torch.testing.assert_close(got_raw, a * -0.234375)
-    got = GradCAMPlusPlus(layer="feat", relu=False)(model, a, 0)
+    got = GradCAMPlusPlus(layer="feat", relu=False, alpha_normalization="positive")(model, a, 0)
     torch.testing.assert_close(got, a * 15 / 28)
     assert torch.isfinite(got).all()
 
@@ -539,7 +594,7 @@ def test_gradient_methods_reject_a_layer_the_score_does_not_depend_on():
         (lambda: ScoreCAM(batch_size=0), ValueError, "batch_size must be an integer >= 1, got 0"),
         (lambda: ScoreCAM(batch_size=2.5), ValueError, "batch_size"),
         (lambda: ScoreCAM(max_channels=0), ValueError, "max_channels must be an integer >= 1"),
-        (lambda: ScoreCAM(weighting="max"), ValueError, r"'softmax' or 'score', got 'max'"),
+        (lambda: ScoreCAM(weighting="max"), ValueError, r"unknown weighting 'max'; valid values: .*'score'"),
         (lambda: ScoreCAM(baseline_subtract=True), ValueError, "shift invariant"),
         (lambda: ScoreCAM(weighting="score", baseline_subtract=1), TypeError, "baseline_subtract must be a bool"),
     ],

@@ -44,21 +44,24 @@ from torch import Tensor, nn
 from lightning_xai.attribution.base import (
     Attributor,
     Target,
-    check_positive_int,
     chunk_slices,
+    model_logits,
     select_scores,
     validate_target,
 )
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
+from lightning_xai.checks import check_choice, check_int, check_optional_int
 
 __all__ = ["CAM", "GradCAM", "GradCAMPlusPlus", "LayerCAM", "ScoreCAM"]
 
 Layer = str | nn.Module | None
 
 
-def _check_bool(name: str, value: bool) -> bool:
+def _check_flag(name: str, value: bool, owner: str) -> bool:
+    """A bool switch; a ``TypeError`` otherwise (the CAM classes' documented error, where
+    :func:`lightning_xai.checks.check_bool` raises a ``ValueError``)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{owner}: {name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
     return value
 
 
@@ -89,7 +92,7 @@ class _CAMBase(Attributor):
 
     def __init__(self, layer: Layer = None, relu: bool = True) -> None:
         self.layer = _check_layer(layer)
-        self.relu = _check_bool("relu", relu)
+        self.relu = _check_flag("relu", relu, type(self).__name__)
 
     def _layer(self, model: nn.Module, inputs: Tensor) -> str | nn.Module:
         return self.layer if self.layer is not None else default_layer(model, inputs)
@@ -195,7 +198,8 @@ class CAM(_CAMBase):
                 f"{channels} channels: CAM needs feature map -> global average pool -> this linear head "
                 "(pass head= / layer= explicitly, or use GradCAM)"
             )
-        if isinstance(output, Tensor) and output.ndim == 2 and output.shape[1] != head.out_features:
+        output = model_logits(output)
+        if output.ndim == 2 and output.shape[1] != head.out_features:
             raise ValueError(
                 f"CAM head {head_name!r} has {head.out_features} outputs but the model returns "
                 f"{output.shape[1]} classes: it is not the model's final layer (pass head= explicitly)"
@@ -243,12 +247,20 @@ class GradCAMPlusPlus(_GradientCAM):
        with the denominator replaced by 1 where it is 0. It is evaluated as ``1 / (2 + g_kij * sum_A_k)``
        (equal wherever ``g != 0``, and free of the underflow of ``g^3``), ``0`` where ``g = 0``, and ``g^2``
        where ``2 + g * sum_A_k = 0``.
-    2. With ``normalize_alpha=True`` (default), as in the authors' released implementation: per sample and
-       channel, ``alpha_kij /= sum_{ab : g_kab > 0} alpha_kab`` (left as is where that sum is 0), so the weights
-       are an alpha-weighted **mean** of the positive gradients. This is what makes Grad-CAM++ reduce to
-       Grad-CAM in the paper's uniform case (``alpha = 1/Z``): on a global-average-pool + linear head with a
-       positive class weight both give ``w_k = W[c, k] / hw``. ``normalize_alpha=False`` skips the step (the
-       un-normalised variant of TorchCAM and pytorch-grad-cam, whose scale grows with ``1 / sum_A_k``).
+    2. With ``normalize_alpha=True`` (default), per sample and channel, ``alpha_kij /= sum_ab alpha_kab`` (left as
+       is where that sum is 0), over the positions ``alpha_normalization`` names:
+
+       * ``"all"`` (default): every position, as the authors' released code does (``alphas /=
+         sum(alphas)`` over the feature map, github.com/adityac94/Grad_CAM_plus_plus); ``alpha`` is 0 where
+         ``g = 0``, and positions with negative gradient take part with their (possibly negative) ``alpha``.
+       * ``"positive"``: only the positions with ``g > 0`` (the default of this library before; it makes the
+         weights an alpha-weighted **mean** of the positive gradients).
+
+       Both make Grad-CAM++ reduce to Grad-CAM in the paper's uniform case (``alpha = 1/Z``): on a global-average-
+       pool + linear head the gradient is spatially constant and both give ``w_k = W[c, k] / hw`` for a positive
+       class weight. They differ where the gradient changes sign over the map (intermediate layers: 9-16 % on
+       VGG-style layers). ``normalize_alpha=False`` skips the step (the un-normalised variant of TorchCAM and
+       pytorch-grad-cam, whose scale grows with ``1 / sum_A_k``).
     3. ``w_k = sum_ij alpha_kij * relu(g_kij)`` and ``map = relu(sum_k w_k A_k)``.
 
     The paper's ``dexp(S)/dA = exp(S) g`` carries a positive per-sample factor ``exp(S)``; it is dropped (it
@@ -259,15 +271,29 @@ class GradCAMPlusPlus(_GradientCAM):
         layer: dotted name, module or ``None`` (default layer).
         relu: apply the final ReLU (default ``True``).
         normalize_alpha: step 2 above (default ``True``).
+        alpha_normalization: ``"all"`` (default, the authors' code) or ``"positive"``, the positions step 2 sums
+            over.
 
     Returns ``Tensor[B, 1, H, W]``, raw.
     """
 
     name = "gradcam_plus_plus"
 
-    def __init__(self, layer: Layer = None, relu: bool = True, normalize_alpha: bool = True) -> None:
+    ALPHA_NORMALIZATIONS = ("all", "positive")
+
+    def __init__(
+        self,
+        layer: Layer = None,
+        relu: bool = True,
+        normalize_alpha: bool = True,
+        alpha_normalization: Literal["all", "positive"] = "all",
+    ) -> None:
         super().__init__(layer=layer, relu=relu)
-        self.normalize_alpha = _check_bool("normalize_alpha", normalize_alpha)
+        owner = type(self).__name__
+        self.normalize_alpha = _check_flag("normalize_alpha", normalize_alpha, owner)
+        self.alpha_normalization = check_choice(
+            "alpha_normalization", alpha_normalization, self.ALPHA_NORMALIZATIONS, owner=owner
+        )
 
     def _combine(self, activation: Tensor, grad: Tensor) -> Tensor:
         total = activation.sum(dim=(2, 3), keepdim=True)  # sum_ab A_kab, [B, K, 1, 1]
@@ -275,9 +301,9 @@ class GradCAMPlusPlus(_GradientCAM):
         safe = torch.where(reduced == 0, torch.ones_like(reduced), reduced)
         alpha = torch.where(reduced == 0, grad.square(), 1 / safe)
         alpha = torch.where(grad == 0, torch.zeros_like(alpha), alpha)
-        positive = grad > 0
         if self.normalize_alpha:
-            norm = torch.where(positive, alpha, torch.zeros_like(alpha)).sum(dim=(2, 3), keepdim=True)
+            counted = alpha if self.alpha_normalization == "all" else torch.where(grad > 0, alpha, 0)
+            norm = counted.sum(dim=(2, 3), keepdim=True)
             alpha = alpha / torch.where(norm == 0, torch.ones_like(norm), norm)
         weights = (alpha * grad.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
         return (weights * activation).sum(dim=1)
@@ -352,12 +378,13 @@ class ScoreCAM(_CAMBase):
         baseline_subtract: bool = False,
     ) -> None:
         super().__init__(layer=layer, relu=relu)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.max_channels = None if max_channels is None else check_positive_int("max_channels", max_channels)
-        if weighting not in ("softmax", "score"):
-            raise ValueError(f"weighting must be 'softmax' or 'score', got {weighting!r}")
-        self.weighting = weighting
-        self.baseline_subtract = _check_bool("baseline_subtract", baseline_subtract)
+        owner = type(self).__name__
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        self.max_channels = check_optional_int(
+            "max_channels", max_channels, minimum=1, owner=owner, none_means="all channels"
+        )
+        self.weighting = check_choice("weighting", weighting, ("softmax", "score"), owner=owner)
+        self.baseline_subtract = _check_flag("baseline_subtract", baseline_subtract, owner)
         if baseline_subtract and weighting == "softmax":
             raise ValueError(
                 "baseline_subtract=True has no effect with weighting='softmax' (softmax is shift invariant); "
@@ -369,7 +396,8 @@ class ScoreCAM(_CAMBase):
         """Score of each row of ``output``, whose row ``i`` belongs to sample ``samples[i]``."""
         if callable(target):
             return select_scores(output, target)
-        if isinstance(output, Tensor) and output.ndim == 2:
+        output = model_logits(output)
+        if output.ndim == 2:
             output = output.softmax(dim=1)
         if isinstance(target, Tensor) and target.ndim == 1:
             target = target.to(samples.device)[samples]

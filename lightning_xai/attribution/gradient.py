@@ -6,29 +6,28 @@ the **same shape as the input**: ``[B, C, H, W]`` for images (one value per chan
 renderer), ``[B, F]`` for tabular data. Gradients are taken with :func:`torch.autograd.grad` on a copy of the
 input, so parameter ``.grad`` is never touched (see the contract in :mod:`lightning_xai.attribution.base`).
 
-The multi-evaluation methods (Integrated Gradients over ``steps`` points of a path, SmoothGrad over ``samples``
+The multi-evaluation methods (Integrated Gradients over ``steps`` points of a path, SmoothGrad over ``num_samples``
 noisy copies) stack their evaluations into chunks of at most ``batch_size`` model inputs, so memory is bounded
 by ``batch_size`` whatever the batch, the number of steps or the number of samples.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.attribution.arguments import renamed_arguments, renamed_attribute
 from lightning_xai.attribution.base import (
     Attributor,
     Target,
     build_attributor,
-    check_positive_int,
     chunk_slices,
     input_gradient,
     select_scores,
 )
 from lightning_xai.attribution.filters import gaussian_blur
+from lightning_xai.checks import check_choice, check_float, check_int, check_optional_int
 
 __all__ = ["InputXGradient", "IntegratedGradients", "Saliency", "SmoothGrad"]
 
@@ -66,21 +65,6 @@ def _scores_in_chunks(model: nn.Module, inputs: Tensor, target: Target, batch_si
         )
 
 
-def _check_real(name: str, value: float, *, minimum: float, strict: bool = False) -> float:
-    """Validate a real hyper-parameter at construction time (finite, ``>= minimum`` or ``> minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid values: {list(choices)}")
-    return value
-
-
 def _per_sample(values: Tensor, ndim: int) -> Tensor:
     """Reshape ``values[N]`` to ``[N, 1, ..., 1]`` so that it broadcasts over samples of rank ``ndim``."""
     return values.view(-1, *([1] * (ndim - 1)))
@@ -113,7 +97,7 @@ class Saliency(Attributor):
     MODES: tuple[str, ...] = ("abs", "squared", "signed")
 
     def __init__(self, mode: str = "abs") -> None:
-        self.mode = _check_choice("mode", mode, self.MODES)
+        self.mode = check_choice("mode", mode, self.MODES, owner=type(self).__name__)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
         grad = _score_gradient(model, inputs, target)
@@ -183,24 +167,26 @@ class IntegratedGradients(Attributor):
         batch_size: int = 64,
         blur_sigma: float = 5.0,
     ) -> None:
+        owner = type(self).__name__
         if isinstance(baseline, str):
-            _check_choice("baseline", baseline, self.BASELINES)
+            check_choice("baseline", baseline, self.BASELINES, owner=owner)
         elif isinstance(baseline, Tensor):
             if not baseline.is_floating_point():
-                raise TypeError(f"a baseline tensor must be floating point, got dtype {baseline.dtype}")
+                raise TypeError(f"{owner}: a baseline tensor must be floating point, got dtype {baseline.dtype}")
             baseline = baseline.detach()
-        elif isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not math.isfinite(baseline):
-            raise ValueError(
-                f"unknown baseline {baseline!r}; valid values: {list(self.BASELINES)}, a finite number or a tensor "
-                "broadcastable to the input"
-            )
         else:
-            baseline = float(baseline)
+            try:
+                baseline = check_float("baseline", baseline, owner=owner)
+            except ValueError:
+                raise ValueError(
+                    f"{owner}: unknown baseline {baseline!r}; valid values: {list(self.BASELINES)}, a finite number "
+                    "or a tensor broadcastable to the input"
+                ) from None
         self.baseline = baseline
-        self.steps = check_positive_int("steps", steps)
-        self.method = _check_choice("method", method, self.METHODS)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.blur_sigma = _check_real("blur_sigma", blur_sigma, minimum=0.0, strict=True)
+        self.steps = check_int("steps", steps, minimum=1, owner=owner)
+        self.method = check_choice("method", method, self.METHODS, owner=owner)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        self.blur_sigma = check_float("blur_sigma", blur_sigma, minimum=0.0, strict=True, owner=owner)
 
     def quadrature(
         self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
@@ -311,7 +297,8 @@ class SmoothGrad(Attributor):
     Args:
         base: the attributor applied to each noisy copy: an :class:`Attributor`, a registered name or a dict
             for :func:`~lightning_xai.attribution.base.build_attributor`; ``None`` for ``Saliency("signed")``.
-        samples: number of noisy copies ``n`` per input, ``>= 1``.
+        num_samples: number of noisy copies ``n`` per input, ``>= 1`` (formerly ``samples``, a deprecated
+            alias).
         noise: the noise standard deviation as a fraction of each sample's value range ``max - min`` (over all
             its features); the paper recommends 0.1 - 0.2. ``0`` gives the base attribution itself.
         squared: average the squared base attributions (SmoothGrad-Squared).
@@ -327,25 +314,27 @@ class SmoothGrad(Attributor):
 
     name = "smoothgrad"
 
+    samples = renamed_attribute("samples", "num_samples")
+
+    @renamed_arguments(samples="num_samples")
     def __init__(
         self,
         base: Attributor | str | dict | None = None,
-        samples: int = 16,
+        num_samples: int = 16,
         noise: float = 0.15,
         squared: bool = False,
         seed: int | None = 0,
         batch_size: int = 64,
     ) -> None:
         self.base = Saliency(mode="signed") if base is None else build_attributor(base)
-        self.samples = check_positive_int("samples", samples)
-        self.noise = _check_real("noise", noise, minimum=0.0)
-        if not isinstance(squared, bool):
-            raise TypeError(f"squared must be a bool, got {squared!r}")
+        owner = type(self).__name__
+        self.num_samples = check_int("num_samples", num_samples, minimum=1, owner=owner)
+        self.noise = check_float("noise", noise, minimum=0.0, owner=owner)
+        if not isinstance(squared, bool):  # a TypeError, as before the shared checks
+            raise TypeError(f"{owner}: squared must be a bool (True or False), got {squared!r}")
         self.squared = squared
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-        self.seed = seed
-        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.seed = check_optional_int("seed", seed, minimum=0, owner=owner, none_means="fresh noise")
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
         self.requires_image = self.base.requires_image
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -358,7 +347,7 @@ class SmoothGrad(Attributor):
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
         x = inputs.detach()
-        batch, total = x.shape[0], x.shape[0] * self.samples
+        batch, total = x.shape[0], x.shape[0] * self.num_samples
         flat = x.flatten(1)
         sigma = _per_sample(self.noise * (flat.amax(1) - flat.amin(1)), x.ndim)
         if isinstance(target, Tensor) and target.ndim == 1:
@@ -388,4 +377,4 @@ class SmoothGrad(Attributor):
                 result = attributions.new_zeros((batch, *attributions.shape[1:]))
             result.index_add_(0, b, attributions)
         assert result is not None
-        return result / self.samples
+        return result / self.num_samples
