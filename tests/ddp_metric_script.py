@@ -4,6 +4,12 @@ Run by ``tests/test_metrics.py::test_ddp_two_processes_match_single_process``, w
 ``RESULT {json}`` line with :func:`compute_metrics` over the whole dataset in one process. The shards are uneven
 (3 and 2 samples) and one mask is empty, so the sum / count / exclusion states and the ``"cat"`` states (per-sample
 values, curves) are all exercised.
+
+With the argument ``contracts`` it runs every metric of the evaluation package (:mod:`metric_cases`) under the
+:data:`SHARDINGS` instead - strided and contiguous shards with ``sample_ids``, strided shards without them (the
+rank-mixed default seeds equal the dataset indices there), and every sample on rank 0 with rank 1 empty - and
+prints one ``CONTRACT <sharding> {json}`` line each, compared by ``tests/test_metric_contracts.py`` with
+:func:`compute_all` in one process.
 """
 
 from __future__ import annotations
@@ -68,15 +74,60 @@ def compute_metrics(indices: Iterable[int]) -> dict:
     }
 
 
-def _worker(rank: int, world_size: int, port: int) -> None:
+#: Which dataset indices each of the two ranks updates with, and whether it passes them as ``sample_ids``.
+SHARDINGS: dict[str, tuple[list[list[int]], bool]] = {
+    "strided": ([[0, 2, 4], [1, 3]], True),
+    "contiguous": ([[0, 1, 2], [3, 4]], True),
+    "strided_without_ids": ([[0, 2, 4], [1, 3]], False),
+    "empty_rank": ([[0, 1, 2, 3, 4], []], True),
+}
+
+
+def _plain(value: torch.Tensor) -> list | float | None:
+    values = value.reshape(-1).tolist()
+    out = [None if v != v else v for v in values]  # NaN -> None for JSON
+    return out if value.ndim else out[0]
+
+
+def compute_all(indices: Iterable[int], with_ids: bool = True) -> dict:
+    """Every metric of the evaluation package over the samples ``indices`` (one update per sample): its
+    ``compute()`` and, for curve metrics, ``curve()`` (synchronised when a process group is initialised)."""
+    import warnings
+
+    import metric_cases
+    from helpers import GapCNN
+
+    data = metric_cases.make_data()
+    model = GapCNN(seed=0).eval()
+    out = {}
+    for cls in metric_cases.metric_classes():
+        metric = metric_cases.build(cls)
+        for i in indices:
+            metric.update(**metric_cases.update_kwargs(cls, data, model, [i], with_ids=with_ids))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty rank warns about compute before update
+            entry = {"value": _plain(metric.compute())}
+        if hasattr(metric, "curve"):
+            entry["curve"] = _plain(metric.curve()[1])
+        out[cls.__name__] = entry
+    return out
+
+
+def _worker(rank: int, world_size: int, port: int, mode: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
     )
     try:
-        result = compute_metrics(range(rank, NUM_SAMPLES, world_size))
-        if rank == 0:
-            print("RESULT " + json.dumps(result), flush=True)
+        if mode == "contracts":
+            for name, (shards, with_ids) in SHARDINGS.items():
+                result = compute_all(shards[rank], with_ids)
+                if rank == 0:
+                    print(f"CONTRACT {name} " + json.dumps(result), flush=True)
+        else:
+            result = compute_metrics(range(rank, NUM_SAMPLES, world_size))
+            if rank == 0:
+                print("RESULT " + json.dumps(result), flush=True)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -88,4 +139,5 @@ def _free_port() -> int:
 
 
 if __name__ == "__main__":
-    torch.multiprocessing.spawn(_worker, args=(WORLD_SIZE, _free_port()), nprocs=WORLD_SIZE, join=True)
+    mode = sys.argv[1] if len(sys.argv) > 1 else "metrics"
+    torch.multiprocessing.spawn(_worker, args=(WORLD_SIZE, _free_port(), mode), nprocs=WORLD_SIZE, join=True)

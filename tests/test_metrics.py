@@ -180,7 +180,7 @@ def test_model_that_ignores_its_input_gives_flat_curves_and_zero_aopc():
     torch.testing.assert_close(insertion_auc(attr, x, model, 2), torch.full((3,), p))
     for order in ("morf", "lerf"):
         assert aopc(attr, x, model, 2, region_size=2, order=order).abs().max().item() < 1e-7
-    assert infidelity(attr, x, model, 2, samples=8).abs().max().item() < 1e-10
+    assert infidelity(attr, x, model, 2, num_samples=8).abs().max().item() < 1e-10
 
 
 def test_chunking_is_invariant_and_bounded():
@@ -202,8 +202,8 @@ def test_chunking_is_invariant_and_bounded():
         assert len(small.sizes) == math.ceil(3 * points / 5)  # chunks mix images and steps
         assert large.sizes == [3 * points]
     small, large = CountingModel(GapCNN().eval()), CountingModel(GapCNN().eval())
-    inf_small = infidelity(attr, x, small, target, samples=6, batch_size=4)
-    inf_large = infidelity(attr, x, large, target, samples=6, batch_size=64)
+    inf_small = infidelity(attr, x, small, target, num_samples=6, batch_size=4)
+    inf_large = infidelity(attr, x, large, target, num_samples=6, batch_size=64)
     torch.testing.assert_close(inf_small, inf_large, atol=1e-6, rtol=1e-4)
     assert max(small.sizes) <= 4 and sum(small.sizes) == 3 * 7
 
@@ -265,10 +265,10 @@ def test_infidelity_closed_forms_on_a_linear_model():
     x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(5))
     exact = w.expand(2, 1, 4, 4)
     for scale in (True, False):
-        assert infidelity(exact, x, model, 1, scale=scale, samples=16).abs().max().item() < 1e-8
-    assert infidelity(3 * exact, x, model, 1, scale=True, samples=16).abs().max().item() < 1e-8
+        assert infidelity(exact, x, model, 1, scale=scale, num_samples=16).abs().max().item() < 1e-8
+    assert infidelity(3 * exact, x, model, 1, scale=True, num_samples=16).abs().max().item() < 1e-8
     sigma, n = 0.2, 4000
-    unscaled = infidelity(3 * exact, x, model, 1, scale=False, samples=n, noise_std=sigma, batch_size=1024)
+    unscaled = infidelity(3 * exact, x, model, 1, scale=False, num_samples=n, noise_std=sigma, batch_size=1024)
     expected = 4 * sigma**2 * w.double().pow(2).sum().item()  # E[(2 I.w)^2]
     torch.testing.assert_close(unscaled.double(), torch.full((2,), expected, dtype=torch.float64), rtol=0.1, atol=0)
     noisy = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(6))
@@ -280,17 +280,17 @@ def test_max_sensitivity_closed_forms():
     model = LinearModel((3, 4, 4), 3).eval()
     x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)) + 0.5
     # the gradient of a linear model does not depend on x: sensitivity 0
-    assert max_sensitivity(None, x, model, 1, Gradient(), samples=4).abs().max().item() < 1e-6
+    assert max_sensitivity(None, x, model, 1, Gradient(), num_samples=4).abs().max().item() < 1e-6
 
     def channel_sum(_model, inputs, _target):
         return inputs.sum(1, keepdim=True)
 
-    r1 = max_sensitivity(None, x, model, 1, channel_sum, radius=0.01, samples=6, normalize=False)
-    r2 = max_sensitivity(None, x, model, 1, channel_sum, radius=0.02, samples=6, normalize=False)
+    r1 = max_sensitivity(None, x, model, 1, channel_sum, radius=0.01, num_samples=6, normalize=False)
+    r2 = max_sensitivity(None, x, model, 1, channel_sum, radius=0.02, num_samples=6, normalize=False)
     torch.testing.assert_close(r2, 2 * r1)  # linear attributor: the same draws scaled by the radius
     bound = 0.01 * 3 * math.sqrt(16)  # |sum_c d_c| <= 3 r per pixel
     assert bool((r1 > 0).all() and (r1 <= bound + 1e-6).all())
-    rel = max_sensitivity(None, x, model, 1, channel_sum, radius=0.01, samples=6)
+    rel = max_sensitivity(None, x, model, 1, channel_sum, radius=0.01, num_samples=6)
     torch.testing.assert_close(rel, r1 / x.sum(1).flatten(1).norm(dim=1))
     # chunking: identical draws whatever the batch size, and bounded attributor calls
     calls: list[int] = []
@@ -299,11 +299,11 @@ def test_max_sensitivity_closed_forms():
         calls.append(inputs.shape[0])
         return inputs.sum(1, keepdim=True)
 
-    r_small = max_sensitivity(x.sum(1, keepdim=True), x, model, 1, counting, radius=0.01, samples=6, batch_size=5)
+    r_small = max_sensitivity(x.sum(1, keepdim=True), x, model, 1, counting, radius=0.01, num_samples=6, batch_size=5)
     assert max(calls) <= 5 and sum(calls) == 12
     torch.testing.assert_close(r_small, rel)
     # an all-zero map is excluded and counted by the metric
-    metric = MaxSensitivity(channel_sum, radius=0.01, samples=6)
+    metric = MaxSensitivity(channel_sum, radius=0.01, num_samples=6)
     metric.update(torch.cat([torch.zeros(1, 1, 4, 4), x[1:].sum(1, keepdim=True)]), x, model, 1)
     assert metric.num_excluded == 1
     torch.testing.assert_close(metric.compute(), rel[1])
@@ -317,7 +317,7 @@ def test_metrics_accumulate_like_one_batch_and_return_per_sample():
         (DeletionAUC, {"steps": 4}),
         (InsertionAUC, {"steps": 4}),
         (AOPC, {"region_size": 4}),
-        (Infidelity, {"samples": 4}),
+        (Infidelity, {"num_samples": 4}),
     ):
         split, whole, per = cls(**kwargs), cls(**kwargs), cls(return_per_sample=True, **kwargs)
         split.update(attr[:1], x[:1], model, target[:1])
@@ -360,8 +360,8 @@ def _all_faithfulness_updates():
         (DeletionAUC(steps=4, batch_size=3), False),
         (InsertionAUC(steps=4, batch_size=3), False),
         (AOPC(region_size=4, batch_size=3), False),
-        (Infidelity(samples=3, batch_size=3), False),
-        (MaxSensitivity(Gradient(), samples=2, batch_size=3), True),
+        (Infidelity(num_samples=3, batch_size=3), False),
+        (MaxSensitivity(Gradient(), num_samples=2, batch_size=3), True),
     ]
 
 

@@ -10,9 +10,8 @@ counted*, never scored as hits or misses: the functional forms return ``NaN`` fo
 the mean and report how many were skipped in :attr:`PerSampleMeanMetric.num_excluded`. Maps containing ``NaN``
 or ``inf`` raise a ``ValueError`` (a broken explanation should be loud, not averaged away).
 
-This module also holds the two pieces every metric of :mod:`lightning_xai.evaluation` shares:
-:func:`heatmap_batch` (validation and channel reduction) and :class:`PerSampleMeanMetric` (the DDP-correct
-mean-with-exclusions state).
+The pieces every metric shares (:func:`heatmap_batch`, :func:`mask_batch`, :class:`PerSampleMeanMetric`) live
+in :mod:`lightning_xai.evaluation.base` and are re-exported here, their historical import path.
 """
 
 from __future__ import annotations
@@ -22,8 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+
+from lightning_xai.evaluation.base import PerSampleMeanMetric, descending_ranks, heatmap_batch, mask_batch
 
 __all__ = [
     "MaskIoU",
@@ -40,134 +39,6 @@ __all__ = [
     "relevance_mass",
     "relevance_rank",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Shared validation and metric state
-# --------------------------------------------------------------------------------------------------------------
-
-
-def heatmap_batch(attributions: Tensor, name: str = "attributions") -> Tensor:
-    """Validate attribution maps and reduce them to one signed map per image, ``Tensor[B, H, W]``.
-
-    Accepts ``[B, C, H, W]`` (channels are summed, so ``[B, 1, H, W]`` is simply squeezed) or ``[B, H, W]``.
-    Raises ``TypeError`` for non-tensors or non-floating tensors and ``ValueError`` for other ranks, an empty
-    batch and non-finite values (``NaN``/``inf``), naming the offending samples.
-    """
-    if not isinstance(attributions, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(attributions).__name__}")
-    if not attributions.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {attributions.dtype}")
-    if attributions.ndim not in (3, 4):
-        raise ValueError(f"{name} must have shape [B, C, H, W] or [B, H, W], got {list(attributions.shape)}")
-    if attributions.shape[0] == 0:
-        raise ValueError(f"{name}: got an empty batch")
-    heat = attributions.sum(dim=1) if attributions.ndim == 4 else attributions
-    finite = torch.isfinite(attributions.reshape(attributions.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
-        raise ValueError(f"{name} contain NaN or inf values (samples {bad}); fix the explanation before scoring it")
-    return heat
-
-
-def mask_batch(masks: Tensor, heat: Tensor) -> Tensor:
-    """Validate ground-truth ``masks`` against heatmaps ``heat [B, H, W]``; return a bool ``Tensor[B, H, W]``.
-
-    Masks are ``[B, 1, H, W]`` or ``[B, H, W]``; bool, integer (non-zero = inside) or floating (``> 0.5``).
-    """
-    if not isinstance(masks, Tensor):
-        raise TypeError(f"masks must be a torch.Tensor, got {type(masks).__name__}")
-    squeezed = masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else masks
-    if squeezed.ndim != 3 or squeezed.shape != heat.shape:
-        raise ValueError(
-            f"masks of shape {list(masks.shape)} do not match the attribution maps: expected [B, 1, H, W] or "
-            f"[B, H, W] with [B, H, W] = {list(heat.shape)}"
-        )
-    if squeezed.dtype == torch.bool:
-        out = squeezed
-    elif squeezed.is_floating_point():
-        if not bool(torch.isfinite(squeezed).all()):
-            raise ValueError("masks contain NaN or inf values")
-        out = squeezed > 0.5
-    else:
-        out = squeezed != 0
-    return out.to(heat.device)
-
-
-def descending_ranks(heat: Tensor) -> Tensor:
-    """Rank of every pixel of ``heat [B, H, W]`` by decreasing value, 0 = most relevant, as ``Tensor[B, H, W]``.
-
-    Ties keep row-major order (stable sort), so the ranking is deterministic.
-    """
-    flat = heat.reshape(heat.shape[0], -1)
-    order = torch.sort(flat, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
-    return ranks.view_as(heat)
-
-
-class PerSampleMeanMetric(Metric):
-    """A metric that is the mean of one value per sample, with undefined samples excluded and counted.
-
-    Subclasses compute a ``Tensor[B]`` per batch (``NaN`` = excluded) and pass it to :meth:`_accumulate`. The
-    states are a float64 sum, a count and an exclusion count (all ``dist_reduce_fx="sum"``), so :meth:`compute`
-    is exact under DDP. With ``return_per_sample=True`` the per-sample values are also kept (a ``"cat"`` state)
-    and :meth:`compute` returns them, ``NaN`` for excluded samples, in update order (under DDP: rank by rank).
-    """
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, return_per_sample: bool = False, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        if not isinstance(return_per_sample, bool):
-            raise TypeError(f"return_per_sample must be a bool, got {return_per_sample!r}")
-        self.return_per_sample = return_per_sample
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("excluded", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        if return_per_sample:
-            self.add_state("values", [], dist_reduce_fx="cat")
-        # Images seen since the last reset (a plain attribute, local to the process): metrics with seeded random
-        # perturbations seed each image by its position in the stream, so results do not depend on batching.
-        self._seen = 0
-        self._in_forward = False
-
-    def forward(self, *args: object, **kwargs: object) -> object:
-        self._in_forward = True  # Metric.forward resets the states internally; keep the stream position
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._in_forward = False
-
-    def reset(self) -> None:
-        super().reset()
-        if not getattr(self, "_in_forward", False):
-            self._seen = 0
-
-    def _accumulate(self, values: Tensor) -> None:
-        self._seen += values.shape[0]
-        values = values.detach().to(self.total.device)
-        valid = ~torch.isnan(values)
-        self.total += values[valid].double().sum()
-        self.count += valid.sum()
-        self.excluded += (~valid).sum()
-        if self.return_per_sample:
-            self.values.append(values.float())
-
-    def compute(self) -> Tensor:
-        """The mean over the non-excluded samples (``NaN`` if there are none), or the per-sample values."""
-        if self.return_per_sample:
-            return dim_zero_cat(self.values) if len(self.values) else torch.zeros(0, device=self.total.device)
-        if int(self.count) == 0:
-            return torch.tensor(float("nan"), device=self.total.device)
-        return (self.total / self.count).float()
-
-    @property
-    def num_excluded(self) -> int:
-        """How many samples were skipped as undefined (e.g. empty masks) since the last reset, in this process.
-        Under DDP, read it inside ``with metric.sync_context():`` (on every rank) for the global count."""
-        return int(self.excluded)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -291,6 +162,50 @@ def binarize_heatmap(
     return descending_ranks(heat) < k.view(-1, 1, 1)
 
 
+def _top_k_split(heat: Tensor, mask: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """How the top ``k`` pixels of each map fall on the mask when ties are not broken by position.
+
+    With ``v`` the ``k``-th highest value of a map: ``inside`` = mask pixels strictly above ``v`` (always in the
+    top ``k``), ``tied`` = pixels equal to ``v``, ``tied_inside`` = those in the mask, ``draws`` = how many of
+    the tied pixels the top ``k`` takes (``k`` minus the pixels above ``v``). All ``Tensor[B]`` (float64).
+    """
+    flat = heat.reshape(heat.shape[0], -1).double()
+    inside_mask = mask.reshape(mask.shape[0], -1)
+    ordered = flat.sort(dim=1, descending=True).values
+    kth = ordered.gather(1, (k.clamp_min(1) - 1).view(-1, 1))
+    above = flat > kth
+    tie = flat == kth
+    has_k = (k > 0).view(-1, 1)
+    inside = ((above & inside_mask & has_k).sum(1)).double()
+    tied = (tie & has_k).sum(1).double()
+    tied_inside = (tie & inside_mask & has_k).sum(1).double()
+    draws = torch.where(k > 0, k - (above & has_k).sum(1), torch.zeros_like(k)).double()
+    return inside, tied, tied_inside, draws
+
+
+def _hypergeometric_mean(fn: object, base: Tensor, tied: Tensor, tied_inside: Tensor, draws: Tensor) -> Tensor:
+    """``E[fn(i, base_i + X_i)]`` per sample with ``X_i`` hypergeometric: ``draws_i`` pixels drawn without
+    replacement from ``tied_i`` tied pixels of which ``tied_inside_i`` are in the mask (a uniformly random
+    order among ties)."""
+    out = torch.empty_like(base)
+    for i in range(base.shape[0]):
+        g, m, r = int(tied[i]), int(tied_inside[i]), int(draws[i])
+        low, high = max(0, r - (g - m)), min(m, r)
+        x = torch.arange(low, high + 1, dtype=torch.float64)
+        log_p = (
+            _log_comb(torch.tensor(float(m)), x)
+            + _log_comb(torch.tensor(float(g - m)), r - x)
+            - _log_comb(torch.tensor(float(g)), torch.tensor(float(r)))
+        )
+        prob = (log_p - log_p.max()).exp()
+        out[i] = (prob * fn(i, base[i] + x)).sum() / prob.sum()  # type: ignore[operator]
+    return out
+
+
+def _log_comb(n: Tensor, k: Tensor) -> Tensor:
+    return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+
+
 def _check_fraction(fraction: float | None) -> float | None:
     if fraction is None:
         return None
@@ -317,6 +232,10 @@ def mask_iou(
     Binarisation (see :func:`binarize_heatmap`): ``"topk"`` keeps the top ``fraction`` of pixels by signed
     relevance; by default (``fraction=None``) that fraction is **the mask's own area**, so a perfect map scores
     1 and no threshold needs tuning. ``"otsu"`` uses Otsu's threshold of each map. Empty masks give ``NaN``.
+
+    **Ties** at the top-``k`` boundary are scored by their expected value: the IoU averaged over every way of
+    choosing the tied pixels (exactly, by the hypergeometric distribution), never by their position. A constant
+    map thus scores the IoU of a random selection of ``k`` pixels, wherever the mask lies.
     """
     if binarization not in _BINARIZATIONS:
         raise ValueError(f"unknown binarization {binarization!r}; valid: {list(_BINARIZATIONS)}")
@@ -324,11 +243,21 @@ def mask_iou(
     heat = heatmap_batch(attributions)
     mask = mask_batch(masks, heat)
     area = mask.flatten(1).sum(dim=1)
-    frac = area.double() / mask[0].numel() if fraction is None else fraction
-    binary = binarize_heatmap(heat, binarization, fraction=frac)
-    inter = (binary & mask).flatten(1).sum(dim=1).double()
-    union = (binary | mask).flatten(1).sum(dim=1).double()
-    iou = inter / union.clamp_min(1)
+    if binarization == "topk":
+        n = mask[0].numel()
+        k = area if fraction is None else torch.full_like(area, round(fraction * n))
+        inside, tied, tied_inside, draws = _top_k_split(heat, mask, k)
+        total = (k + area).double()
+
+        def iou_of(i: int, inter: Tensor) -> Tensor:
+            return inter / (total[i] - inter).clamp_min(1)
+
+        iou = _hypergeometric_mean(iou_of, inside, tied, tied_inside, draws)
+    else:
+        binary = binarize_heatmap(heat, binarization)
+        inter = (binary & mask).flatten(1).sum(dim=1).double()
+        union = (binary | mask).flatten(1).sum(dim=1).double()
+        iou = inter / union.clamp_min(1)
     return torch.where(area == 0, torch.full_like(iou, float("nan")), iou).float()
 
 
@@ -389,15 +318,17 @@ def relevance_mass(attributions: Tensor, masks: Tensor) -> Tensor:
 def relevance_rank(attributions: Tensor, masks: Tensor) -> Tensor:
     """Relevance rank accuracy (Arras, Osman & Samek, "CLEVR-XAI", Information Fusion 2022), per sample.
 
-    With ``K`` = the number of mask pixels: the fraction of the ``K`` highest-relevance pixels (signed values,
-    ties in row-major order) that lie inside the mask, in [0, 1]. Empty masks give ``NaN`` (excluded).
+    With ``K`` = the number of mask pixels: the fraction of the ``K`` highest-relevance pixels (signed values)
+    that lie inside the mask, in [0, 1]. Pixels tied at the top-``K`` boundary count by their expected value
+    (each tied pixel is in the top ``K`` with the same probability), never by position: a constant map scores
+    the mask's share of the image, wherever the mask lies. Empty masks give ``NaN`` (excluded).
     """
     heat = heatmap_batch(attributions)
     mask = mask_batch(masks, heat)
     k = mask.flatten(1).sum(dim=1)
-    top = descending_ranks(heat) < k.view(-1, 1, 1)
-    inside = (top & mask).flatten(1).sum(dim=1).double()
-    rank = inside / k.clamp_min(1)
+    inside, tied, tied_inside, draws = _top_k_split(heat, mask, k)
+    expected = inside + draws * tied_inside / tied.clamp_min(1)
+    rank = expected / k.clamp_min(1)
     return torch.where(k == 0, torch.full_like(rank, float("nan")), rank).float()
 
 

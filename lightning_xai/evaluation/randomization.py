@@ -33,9 +33,10 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import Target, model_state_guard, validate_target
 from lightning_xai.attribution.layers import resolve_layer
-from lightning_xai.evaluation.faithfulness import AttributorSpec, _resolve_attributor
 from lightning_xai.evaluation.localization import heatmap_batch
-from lightning_xai.evaluation.similarity import hog_pearson, spearman_correlation, ssim
+from lightning_xai.evaluation.scoring import AttributorSpec
+from lightning_xai.evaluation.scoring import resolve_attributor as _resolve_attributor
+from lightning_xai.evaluation.similarity import check_finite_maps, hog_pearson, spearman_correlation, ssim
 
 __all__ = [
     "SIMILARITY_MEASURES",
@@ -62,11 +63,14 @@ def compare_maps(a: Tensor, b: Tensor, measure: str) -> Tensor:
     """Similarity of two batches of maps ``[B, H, W]`` under one of :data:`SIMILARITY_MEASURES`,
     ``Tensor[B]`` (float64, ``NaN`` where undefined).
 
-    SSIM uses the paper's 11x11 window, shrunk to the largest odd size that fits smaller maps; HOG uses 8x8
-    cells, shrunk likewise.
+    SSIM uses the paper's 11x11 window, shrunk to the largest odd size that fits smaller maps. HOG is
+    scikit-image's descriptor as the paper used it (8x8-pixel cells, 3x3-cell blocks, L2-Hys); on maps smaller
+    than 24 pixels the cells shrink to ``side // 3`` pixels (and the blocks to the cells that fit). ``NaN`` or
+    ``inf`` in a map raises a ``ValueError`` naming the samples.
     """
     if a.shape != b.shape:
         raise ValueError(f"cannot compare maps of different shapes {list(a.shape)} and {list(b.shape)}")
+    check_finite_maps(a, b)
     if measure == "spearman":
         return spearman_correlation(a, b)
     if measure == "spearman_abs":
@@ -76,7 +80,8 @@ def compare_maps(a: Tensor, b: Tensor, measure: str) -> Tensor:
         window = min(11, side if side % 2 == 1 else side - 1)
         return ssim(_unit_abs(a), _unit_abs(b), data_range=1.0, window_size=window)
     if measure == "hog_pearson":
-        return hog_pearson(_unit_abs(a), _unit_abs(b), cell_size=min(8, side))
+        cell = max(1, min(8, side // 3))
+        return hog_pearson(_unit_abs(a), _unit_abs(b), cell_size=cell, block_size=min(3, side // cell))
     raise ValueError(f"unknown similarity measure {measure!r}; valid: {list(SIMILARITY_MEASURES)}")
 
 
@@ -159,6 +164,17 @@ def _predicted(model: nn.Module, inputs: Tensor) -> Tensor:
     if not isinstance(output, Tensor) or output.ndim != 2:
         raise ValueError("target=None explains the predicted class, which needs a model output [B, num_classes]")
     return output.argmax(dim=1)
+
+
+def _explain(attributor: Callable, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
+    """The channel-summed maps of ``attributor`` on ``model``, called as every evaluation entry point calls a
+    callable: in eval mode under :func:`model_state_guard` (modes, ``requires_grad`` and ``.grad`` restored, so
+    that dropout cannot change the maps between two identical runs and BatchNorm's running statistics stay as
+    they are) and with the global RNG state restored afterwards."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), model_state_guard(model):
+        maps = attributor(model, inputs, target)
+    return heatmap_batch(maps, "attributions").detach()
 
 
 def _check_target(target: Target | None, batch: int) -> None:
@@ -292,14 +308,14 @@ class ModelRandomization:
             x = inputs.detach().clone()
             if target is None:
                 target = _predicted(work, x)
-            reference = heatmap_batch(self.attributor(work, x, target), "attributions").detach()
+            reference = _explain(self.attributor, work, x, target)
             sims = {m: [compare_maps(reference, reference, m)] for m in self.similarity}
             maps = [reference] if self.return_explanations else []
             for i, name in enumerate(names):
                 module = modules[name]
                 saved = copy.deepcopy(module.state_dict()) if self.mode == "independent" else None
                 _reinitialise(module, self.seed + i)
-                explanation = heatmap_batch(self.attributor(work, x, target), "attributions").detach()
+                explanation = _explain(self.attributor, work, x, target)
                 for m in self.similarity:
                     sims[m].append(compare_maps(reference, explanation, m))
                 if self.return_explanations:
@@ -399,8 +415,8 @@ class DataRandomization:
         x = inputs.detach()
         if target is None:
             target = _predicted(trained, x)
-        a = heatmap_batch(self.attributor(trained, x, target), "attributions").detach()
-        b = heatmap_batch(self.attributor(randomised, x, target), "attributions").detach()
+        a = _explain(self.attributor, trained, x, target)
+        b = _explain(self.attributor, randomised, x, target)
         return DataRandomizationResult(
             similarities={m: compare_maps(a, b, m) for m in self.similarity},
             permutation=permutation,

@@ -12,7 +12,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["hog_features", "hog_pearson", "pearson_correlation", "rank_data", "spearman_correlation", "ssim"]
+__all__ = [
+    "hog_descriptor",
+    "hog_features",
+    "hog_pearson",
+    "pearson_correlation",
+    "rank_data",
+    "spearman_correlation",
+    "ssim",
+]
+
+#: The block normalisations of :func:`hog_descriptor` (those of Dalal & Triggs 2005 and scikit-image).
+HOG_BLOCK_NORMS = ("L2-Hys", "L2", "L1", "L1-sqrt")
+
+
+def check_finite_maps(*maps: Tensor, names: tuple[str, ...] = ("a", "b")) -> None:
+    """Raise a ``ValueError`` naming the samples if any map holds ``NaN``/``inf``: a similarity of a broken map
+    is meaningless (a ``NaN`` pixel would otherwise be ranked as the maximum, or turn the value into ``NaN``)."""
+    for name, m in zip(names, maps, strict=False):
+        if not isinstance(m, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+        if m.ndim == 0 or m.shape[0] == 0:
+            continue
+        finite = torch.isfinite(m.reshape(m.shape[0], -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(f"{name} contains NaN or inf values (samples {bad}); cannot compare such maps")
 
 
 def rank_data(values: Tensor) -> Tensor:
@@ -41,6 +66,7 @@ def pearson_correlation(a: Tensor, b: Tensor) -> Tensor:
     """
     if a.shape != b.shape:
         raise ValueError(f"cannot correlate maps of different shapes {list(a.shape)} and {list(b.shape)}")
+    check_finite_maps(a, b)
     x = a.reshape(a.shape[0], -1).double()
     y = b.reshape(b.shape[0], -1).double()
     x = x - x.mean(dim=1, keepdim=True)
@@ -55,10 +81,11 @@ def spearman_correlation(a: Tensor, b: Tensor, *, absolute: bool = False) -> Ten
 
     With ``absolute=True`` the maps are compared by magnitude (``|a|`` vs ``|b|``), as in Adebayo et al. 2018.
     Tied values get their average rank. Samples with a constant map give ``NaN`` (see
-    :func:`pearson_correlation`).
+    :func:`pearson_correlation`); ``NaN``/``inf`` values raise a ``ValueError`` naming the samples.
     """
     if a.shape != b.shape:
         raise ValueError(f"cannot correlate maps of different shapes {list(a.shape)} and {list(b.shape)}")
+    check_finite_maps(a, b)
     x = a.detach().reshape(a.shape[0], -1)
     y = b.detach().reshape(b.shape[0], -1)
     if absolute:
@@ -94,11 +121,13 @@ def ssim(
     1.5), evaluated only where the window fits inside the map ("valid" positions, no padding), with population
     (not sample) covariances; ``C1 = (k1 L)^2``, ``C2 = (k2 L)^2``. Maps are ``[B, H, W]`` or ``[B, C, H, W]``
     (the mean runs over channels too). ``data_range`` ``L`` defaults to each pair's joint value range
-    ``max(a, b) - min(a, b)`` (1 where that is 0). ``ssim(x, x) = 1``; values lie in [-1, 1].
+    ``max(a, b) - min(a, b)`` (1 where that is 0). ``ssim(x, x) = 1``; values lie in [-1, 1]. ``NaN``/``inf``
+    values raise a ``ValueError`` naming the samples.
     """
     if a.shape != b.shape:
         raise ValueError(f"cannot compare maps of different shapes {list(a.shape)} and {list(b.shape)}")
     x, y = _as_image_batch(a, "a"), _as_image_batch(b, "b")
+    check_finite_maps(x, y)
     if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1 or window_size % 2 == 0:
         raise ValueError(f"window_size must be a positive odd integer, got {window_size!r}")
     if not sigma > 0:
@@ -140,10 +169,11 @@ def hog_features(maps: Tensor, *, cell_size: int = 8, bins: int = 9) -> Tensor:
     Gradients are central differences ``[-1, 0, 1]`` (zero on the border rows / columns); each pixel votes its
     gradient magnitude into one of ``bins`` unsigned-orientation bins of equal width over [0, 180) degrees
     (0 = gradient along the width axis, i.e. a vertical edge), in non-overlapping ``cell_size`` x ``cell_size``
-    cells (a remainder at the right / bottom is dropped). Histograms are averaged over the cell; there is no
-    block normalisation (Pearson correlation of the features is scale-invariant anyway).
+    cells (a remainder at the right / bottom is dropped). Histograms are averaged over the cell. These are the
+    cell histograms of ``skimage.feature.hog`` before block normalisation; :func:`hog_descriptor` adds it.
     """
     x = _as_image_batch(maps, "maps")
+    check_finite_maps(x, names=("maps",))
     if x.shape[1] != 1:
         raise ValueError(f"hog_features expects single-channel maps, got {x.shape[1]} channels")
     for name, value, minimum in (("cell_size", cell_size, 1), ("bins", bins, 1)):
@@ -172,14 +202,75 @@ def hog_features(maps: Tensor, *, cell_size: int = 8, bins: int = 9) -> Tensor:
     return hist.view(bsz, cy, cx, bins) / (cell_size * cell_size)
 
 
-def hog_pearson(a: Tensor, b: Tensor, *, cell_size: int = 8, bins: int = 9) -> Tensor:
-    """Pearson correlation of the :func:`hog_features` of two batches of maps, ``Tensor[B]`` (float64).
+def hog_descriptor(
+    maps: Tensor,
+    *,
+    cell_size: int = 8,
+    block_size: int = 3,
+    block_norm: str = "L2-Hys",
+    bins: int = 9,
+    eps: float = 1e-5,
+) -> Tensor:
+    """HOG descriptor (Dalal & Triggs, CVPR 2005) of single-channel maps ``[B, H, W]``: the
+    :func:`hog_features` cell histograms, grouped into overlapping ``block_size`` x ``block_size`` blocks of
+    cells (stride one cell) and normalised per block, ``Tensor[B, blocks_y, blocks_x, block_size, block_size,
+    bins]`` - the feature vector of ``skimage.feature.hog(..., orientations=bins, pixels_per_cell=(cell_size,
+    cell_size), cells_per_block=(block_size, block_size), block_norm=block_norm)``, the HOG that Adebayo et al.
+    (NeurIPS 2018) compare saliency maps with.
 
-    ``NaN`` where either map has constant HOG features (e.g. a constant map), as in
-    :func:`pearson_correlation`.
+    Block normalisation is local (each block is scaled by its own norm), so it changes the correlation of two
+    descriptors; it is not a global rescaling. Norms, with ``v`` a block and ``eps`` = 1e-5: ``"L1"``
+    ``v / (|v|_1 + eps)``; ``"L1-sqrt"`` its square root; ``"L2"`` ``v / sqrt(|v|_2^2 + eps^2)``; ``"L2-Hys"``
+    L2, clipped at 0.2, then L2 again (the default, as in Dalal & Triggs and scikit-image).
+    """
+    if block_norm not in HOG_BLOCK_NORMS:
+        raise ValueError(f"hog_descriptor: unknown block_norm {block_norm!r}; valid values: {list(HOG_BLOCK_NORMS)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"hog_descriptor: block_size must be an integer >= 1, got {block_size!r}")
+    cells = hog_features(maps, cell_size=cell_size, bins=bins)
+    _, cy, cx, _ = cells.shape
+    if cy < block_size or cx < block_size:
+        raise ValueError(
+            f"hog_descriptor: maps give {cy}x{cx} cells of {cell_size}x{cell_size} pixels, fewer than one block of "
+            f"{block_size}x{block_size} cells; use smaller cells or blocks"
+        )
+    # [B, by, bx, bins, block, block] -> [B, by, bx, block_y, block_x, bins]
+    blocks = cells.unfold(1, block_size, 1).unfold(2, block_size, 1).permute(0, 1, 2, 4, 5, 3)
+    flat = blocks.reshape(*blocks.shape[:3], -1)
+    if block_norm == "L1":
+        flat = flat / (flat.abs().sum(-1, keepdim=True) + eps)
+    elif block_norm == "L1-sqrt":
+        flat = torch.sqrt(flat / (flat.abs().sum(-1, keepdim=True) + eps))
+    else:
+        flat = flat / torch.sqrt((flat**2).sum(-1, keepdim=True) + eps**2)
+        if block_norm == "L2-Hys":
+            flat = flat.clamp(max=0.2)
+            flat = flat / torch.sqrt((flat**2).sum(-1, keepdim=True) + eps**2)
+    return flat.view_as(blocks)
+
+
+def hog_pearson(
+    a: Tensor,
+    b: Tensor,
+    *,
+    cell_size: int = 8,
+    block_size: int = 3,
+    block_norm: str = "L2-Hys",
+    bins: int = 9,
+) -> Tensor:
+    """Pearson correlation of the :func:`hog_descriptor` of two batches of maps, ``Tensor[B]`` (float64): the
+    HOG similarity of Adebayo et al. (NeurIPS 2018), who used scikit-image's HOG (8x8-pixel cells, 3x3-cell
+    blocks, L2-Hys).
+
+    Maps with fewer than ``block_size`` cells along a side use blocks of the cells that fit (1x1 blocks are
+    per-cell normalisation). ``NaN`` where either map has constant HOG features (e.g. a constant map), as in
+    :func:`pearson_correlation`; ``NaN``/``inf`` in a map raises a ``ValueError`` naming the samples.
     """
     if a.shape != b.shape:
         raise ValueError(f"cannot compare maps of different shapes {list(a.shape)} and {list(b.shape)}")
-    return pearson_correlation(
-        hog_features(a, cell_size=cell_size, bins=bins), hog_features(b, cell_size=cell_size, bins=bins)
-    )
+    if isinstance(cell_size, int) and not isinstance(cell_size, bool) and cell_size >= 1:
+        cells = min(a.shape[-2:]) // cell_size
+        if cells >= 1 and isinstance(block_size, int) and not isinstance(block_size, bool):
+            block_size = min(block_size, cells)
+    kwargs = {"cell_size": cell_size, "block_size": block_size, "block_norm": block_norm, "bins": bins}
+    return pearson_correlation(hog_descriptor(a, **kwargs), hog_descriptor(b, **kwargs))
