@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.callbacks import ExplanationQuality, SanityCheck
 from lightning_xai.evaluation import deletion_auc, mask_iou, relevance_mass
+from lightning_xai.namespace import pl
 
 
 class InputCopy(Attributor):
