@@ -1,7 +1,8 @@
 """Agreement of our attributors with the peer libraries: Captum, Zennit and pytorch-grad-cam.
 
-Each test imports its peer with ``pytest.importorskip``: the peers are in the ``bench`` extra only
-(``pip install -e ".[bench]"``), so in CI (``dev`` extra) this module is skipped. Where the peer's definition
+Each test imports its peer with :func:`import_peer`: the peers are in the ``bench`` extra, which the ``dev`` extra (what
+``make test`` and CI install) includes. Outside CI a missing peer skips the test; under CI (``CI`` set to a true
+value) it fails, so that the agreement checks can never be skipped silently there. Where the peer's definition
 differs from ours by a known convention, the test states it and compares after converting (Captum's trapezoid
 weights, pytorch-grad-cam's min-max normalisation, Occlusion's channel broadcast); where it differs by a bug
 (Captum's LRP on ResNets), the test pins the bug down so that the benchmark's note is revisited if it is fixed.
@@ -32,6 +33,23 @@ from lightning_xai.attribution import (
 from lightning_xai.models.backbones import VGGSmall
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def in_ci(environ: dict[str, str] | None = None) -> bool:
+    """Whether this is a CI run (``CI`` set to anything but empty / ``0`` / ``false`` / ``no``)."""
+    value = (os.environ if environ is None else environ).get("CI", "").strip().lower()
+    return value not in ("", "0", "false", "no")
+
+
+def import_peer(module: str):
+    """Import a peer library: skip without it, except under CI, where a missing peer fails the test."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if in_ci():
+            pytest.fail(f"{module} is not installed but CI must run the peer-agreement tests: the `dev` extra "
+                        f"installs it (pip install -e '.[dev]'): {err}")
+        pytest.skip(f"{module} is not installed (pip install -e '.[bench]')")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,7 +163,7 @@ def zennit_epsilon_plus_composite(canonizers: list):
 
 @pytest.mark.parametrize("model_name", ["gap_cnn", "tiny_vgg"])
 def test_saliency_matches_captum(model_name, request, batch):
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     model = request.getfixturevalue(model_name)
     x, t = batch
     for mode, absolute in (("abs", True), ("signed", False)):
@@ -159,7 +177,7 @@ def test_integrated_gradients_closed_form_on_linear_model_and_captums_weights():
     """On a linear model IG is exactly ``(x - x') * w``. Ours (weights summing to 1) gives it; Captum's
     ``riemann_trapezoid`` gives ``(n - 1) / n`` of it (weights 1/n with halved ends on ``n`` nodes spaced 1/(n-1)),
     which is why the benchmark rescales Captum's map by ``n / (n - 1)``. Both Gauss-Legendre rules are exact."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     model = LinearModel().eval()
     g = torch.Generator().manual_seed(0)
     x, t = torch.rand(3, 3, 8, 8, generator=g), torch.tensor([0, 2, 3])
@@ -177,7 +195,7 @@ def test_integrated_gradients_closed_form_on_linear_model_and_captums_weights():
 
 @pytest.mark.parametrize("model_name", ["gap_cnn", "tiny_vgg"])
 def test_integrated_gradients_match_captum_on_relu_networks(model_name, request, batch):
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     model = request.getfixturevalue(model_name)
     x, t = batch
     n = 8
@@ -195,7 +213,7 @@ def test_integrated_gradients_match_captum_on_relu_networks(model_name, request,
 
 def test_smoothgrad_matches_captum_noise_tunnel_exactly_on_a_linear_model():
     """The gradient of a linear model does not depend on the noise: both SmoothGrads are the weight map."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     model = LinearModel().eval()
     x, t = torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
     ours = SmoothGrad(samples=5, noise=0.3, batch_size=3)(model, x, t)
@@ -212,7 +230,7 @@ def test_smoothgrad_matches_captum_noise_tunnel_exactly_on_a_linear_model():
 def test_smoothgrad_matches_captum_within_monte_carlo_spread(gap_cnn):
     """Different noise draws, same distribution: the distance to Captum is of the order of the distance between
     two of our seeds; a wrong noise scale (here checked with a 4x larger Captum sigma) is far outside it."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     g = torch.Generator().manual_seed(1)
     x, t = torch.rand(2, 3, 8, 8, generator=g), torch.tensor([0, 1])
     samples, noise = 64, 0.2
@@ -240,7 +258,7 @@ def test_smoothgrad_matches_captum_within_monte_carlo_spread(gap_cnn):
 @pytest.mark.parametrize(("window", "stride", "fill"), [(4, 2, 0.0), ((4, 6), (3, 2), 0.5)])
 def test_occlusion_matches_captum(gap_cnn, batch, window, stride, fill):
     """Same window grid when ``(size - window) % stride == 0``; ours is one map shared by the channels."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     x, t = batch
     w = window if isinstance(window, tuple) else (window, window)
     s = stride if isinstance(stride, tuple) else (stride, stride)
@@ -257,7 +275,7 @@ def test_occlusion_matches_captum(gap_cnn, batch, window, stride, fill):
 @pytest.mark.parametrize("model_name", ["gap_cnn", "tiny_vgg", "resnet18"])
 def test_guided_backprop_matches_captum(model_name, request):
     """In-place ReLUs (all three) and a ReLU module called several times per forward (torchvision's BasicBlock)."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     model = request.getfixturevalue(model_name)
     size = 32 if model_name == "resnet18" else 16
     x, t = torch.rand(2, 3, size, size), torch.tensor([1, 2])
@@ -278,7 +296,7 @@ def test_guided_backprop_matches_captum(model_name, request):
 @pytest.mark.parametrize(("model_name", "layer"), [("gap_cnn", "features"), ("tiny_vgg", "features")])
 def test_gradcam_matches_captum_layer_gradcam(model_name, layer, request, batch):
     """GapCNN's map is at input resolution; the VGG's is 4x4, upsampled bilinearly by both."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     model = request.getfixturevalue(model_name)
     x, t = batch
     ours = GradCAM(layer=layer)(model, x, t)
@@ -296,7 +314,7 @@ def test_gradcam_matches_pytorch_grad_cam_after_min_max(model_name, size, classe
     these random-weight maps that span only 1e-4): ours agrees after the same normalisation. GapCNN: no resizing;
     VGG at 8x8: a 2x2 map, whose bilinear upsampling keeps its extremes, so normalising before (theirs) or after
     (here) upsampling is the same."""
-    pytest.importorskip("pytorch_grad_cam")
+    import_peer("pytorch_grad_cam")
     from pytorch_grad_cam import GradCAM as LibraryGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -323,7 +341,7 @@ def test_gradcam_matches_pytorch_grad_cam_after_min_max(model_name, size, classe
 @pytest.mark.parametrize("model_name", ["tiny_vgg", "gap_cnn"])
 def test_lrp_epsilon_matches_zennit(model_name, request, batch):
     """The VGG has no BatchNorm; GapCNN's (shifted) BatchNorm is folded by our canonizer and by Zennit's."""
-    pytest.importorskip("zennit")
+    import_peer("zennit")
     from zennit.canonizers import SequentialMergeBatchNorm
 
     model = shifted_batchnorm(request.getfixturevalue(model_name))
@@ -339,7 +357,7 @@ def test_lrp_epsilon_matches_zennit(model_name, request, batch):
 @pytest.mark.parametrize("model_name", ["tiny_vgg", "gap_cnn", "resnet18"])
 def test_lrp_epsilon_plus_matches_zennit(model_name, request):
     """zB / z+ / epsilon; on the ResNet with Zennit's ResNetCanonizer (BatchNorm folding, explicit residual sum)."""
-    pytest.importorskip("zennit")
+    import_peer("zennit")
     from zennit.canonizers import SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer
 
@@ -357,7 +375,7 @@ def test_lrp_epsilon_plus_matches_zennit(model_name, request):
 
 def test_lrp_epsilon_matches_captum_on_vgg(tiny_vgg, batch):
     """Captum's default rules are EpsilonRule(1e-9) for Conv/Linear/pooling: ours with epsilon=1e-9."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     x, t = batch
     ours = LRP("epsilon", epsilon=1e-9)(tiny_vgg, x, t)
     theirs = quiet(attr.LRP(copy.deepcopy(tiny_vgg)).attribute, leaf(x), target=t)
@@ -367,7 +385,7 @@ def test_lrp_epsilon_matches_captum_on_vgg(tiny_vgg, batch):
 def test_lrp_epsilon_matches_captum_exactly_in_float64_without_its_pooling_stabiliser(tiny_vgg, batch):
     """Captum also applies EpsilonRule(1e-9) at max / average pooling, where ours passes the plain gradient: with
     the pooling layers' epsilon made negligible, the two are the same computation (float64: to rounding)."""
-    attr = pytest.importorskip("captum.attr")
+    attr = import_peer("captum.attr")
     from captum.attr._utils.lrp_rules import EpsilonRule
 
     model = tiny_vgg.double()
@@ -386,8 +404,8 @@ def test_lrp_conservation_on_resnet18_ours_and_zennit_conserve_captum_does_not(r
     epsilon-LRP sums exactly to ``logit - fc.bias[target]``. Ours and Zennit (ResNetCanonizer) do; Captum's LRP,
     which hands the full relevance to both branches of each residual sum, is off by orders of magnitude (the
     known trap the benchmark reports; if this assertion fails, Captum fixed it and the benchmark note must go)."""
-    attr = pytest.importorskip("captum.attr")
-    pytest.importorskip("zennit")
+    attr = import_peer("captum.attr")
+    import_peer("zennit")
     from zennit.torchvision import ResNetCanonizer
 
     g = torch.Generator().manual_seed(2)
@@ -409,9 +427,9 @@ def test_lrp_conservation_on_resnet18_ours_and_zennit_conserve_captum_does_not(r
 
 @pytest.fixture
 def peers_module():
-    pytest.importorskip("captum")
-    pytest.importorskip("zennit")
-    pytest.importorskip("pytorch_grad_cam")
+    import_peer("captum")
+    import_peer("zennit")
+    import_peer("pytorch_grad_cam")
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     return importlib.import_module("benchmarks.peers")
@@ -450,3 +468,15 @@ def test_run_peers_agrees_on_a_small_model_without_side_effects(peers_module, ca
     assert all(r.ours_s > 0 and r.peer_s > 0 for r in rows)
     assert "| method" in out and "LRP-epsilon conservation" in out
     assert out.count("| yes") == sum(r.agree for r in rows)
+
+
+def test_peer_fails_instead_of_skipping_under_ci(monkeypatch):
+    missing = "lightning_xai_no_such_peer"
+    assert in_ci({"CI": "true"}) and in_ci({"CI": "1"}) and not in_ci({"CI": "false"}) and not in_ci({})
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the peer-agreement tests"):
+        import_peer(missing)
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        import_peer(missing)
+    assert import_peer("torch") is torch

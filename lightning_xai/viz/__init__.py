@@ -1,6 +1,19 @@
-"""Heatmap rendering (uint8 RGB overlays and grids) and the logger adapter. No Lightning import."""
+"""Heatmap rendering (uint8 RGB overlays, the labelled explanation grid, curves) and the logger adapter.
 
-from lightning_xai.viz.logging import log_image, log_line_plot, log_table, logger_kind
+No Lightning import: usable from a notebook on any model's attributions.
+"""
+
+from lightning_xai.viz.dashboard import (
+    flatten_config,
+    log_config,
+    log_curves,
+    log_explanations,
+    log_samples_table,
+    log_scatter,
+)
+from lightning_xai.viz.figures import render_curves
+from lightning_xai.viz.grid import ExplanationGrid, render_explanations, render_method_images
+from lightning_xai.viz.logging import log_image, log_line_plot, log_table, logger_kind, markdown_table
 from lightning_xai.viz.render import (
     colorize,
     explanation_grid,
@@ -8,19 +21,40 @@ from lightning_xai.viz.render import (
     normalize_attributions,
     overlay,
     save_png,
+    tile_images,
     to_uint8_images,
+    upscale_nearest,
 )
+from lightning_xai.viz.tiles import MARK_CONSTANT, MARK_FAILED, MARK_NONFINITE, MARK_ZERO, ScaleTracker
 
 __all__ = [
+    "MARK_CONSTANT",
+    "MARK_FAILED",
+    "MARK_NONFINITE",
+    "MARK_ZERO",
+    "ExplanationGrid",
+    "ScaleTracker",
     "colorize",
     "explanation_grid",
+    "flatten_config",
     "is_signed",
+    "log_config",
+    "log_curves",
+    "log_explanations",
     "log_image",
     "log_line_plot",
+    "log_samples_table",
+    "log_scatter",
     "log_table",
     "logger_kind",
+    "markdown_table",
     "normalize_attributions",
     "overlay",
+    "render_curves",
+    "render_explanations",
+    "render_method_images",
     "save_png",
+    "tile_images",
     "to_uint8_images",
+    "upscale_nearest",
 ]

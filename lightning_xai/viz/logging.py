@@ -14,6 +14,12 @@ from a notebook):
   a ``SummaryWriter``), or a ``SummaryWriter``-like object with ``add_image`` passed directly.
 * **Files** - any other logger, or no logger at all: PNG / CSV files in the logger's ``log_dir`` (else its
   ``save_dir``), else in ``fallback_dir``. A logger this module does not know never makes it raise.
+* **Nothing** - Lightning's ``DummyLogger`` (what ``fast_dev_run`` puts in place of the configured loggers) counts
+  as no logger: files go to ``fallback_dir`` when one is given, silently (no "could not log" warning).
+
+Tables go to TensorBoard as markdown text (its Text tab renders it; no per-cell files) and curves as rendered
+figures (its Images tab); see also :mod:`lightning_xai.viz.dashboard` for the per-method images, the samples
+table, the run configuration and multi-series curves.
 
 Images must be ``numpy.uint8`` ``[H, W, 3]`` arrays (see :mod:`lightning_xai.viz.render`): W&B 0.31 casts float
 images to uint8 without rescaling, so a float heatmap in [0, 1] would arrive black.
@@ -35,20 +41,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from lightning_xai.viz.figures import render_curves
 from lightning_xai.viz.render import save_png
 
-__all__ = ["log_image", "log_line_plot", "log_table", "logger_kind"]
+__all__ = ["log_image", "log_line_plot", "log_table", "logger_kind", "markdown_table"]
 
-LoggerKind = Literal["wandb", "tensorboard", "file"]
+LoggerKind = Literal["wandb", "tensorboard", "file", "none"]
 
 
 def logger_kind(logger: object) -> LoggerKind:
-    """How :func:`log_image` treats ``logger``: ``"wandb"``, ``"tensorboard"`` or ``"file"`` (everything else).
+    """How :func:`log_image` treats ``logger``: ``"wandb"``, ``"tensorboard"``, ``"none"`` (Lightning's
+    ``DummyLogger``, which stands in for the loggers under ``fast_dev_run``) or ``"file"`` (everything else).
 
     Recognition is by class name along the MRO (so subclasses count) and never touches ``logger.experiment``,
     which for some loggers would start a run.
     """
     names = {cls.__name__ for cls in type(logger).__mro__}
+    if "DummyLogger" in names:
+        return "none"
     if "WandbLogger" in names and callable(getattr(logger, "log_metrics", None)):
         return "wandb"
     if "TensorBoardLogger" in names or callable(getattr(logger, "add_image", None)):
@@ -126,10 +136,16 @@ def _logger_dir(logger: object) -> str | None:
     return None
 
 
+def _has_real_logger(loggers: list[object]) -> bool:
+    """Whether ``loggers`` hold anything but ``DummyLogger``s (which count as no logger)."""
+    return any(logger_kind(logger) != "none" for logger in loggers)
+
+
 def _file_dirs(
     file_loggers: list[object], had_loggers: bool, fallback_dir: str | os.PathLike | None, key: str
 ) -> list[Path]:
-    """Directories to write files to: one per file logger (its own, else ``fallback_dir``), de-duplicated."""
+    """Directories to write files to: one per file logger (its own, else ``fallback_dir``), de-duplicated.
+    ``had_loggers`` is False when the run has no logger (or only ``DummyLogger``s): then ``fallback_dir``."""
     candidates: list[str | os.PathLike | None] = []
     for logger in file_loggers:
         directory = _logger_dir(logger) or fallback_dir
@@ -196,9 +212,9 @@ def log_image(
         elif kind == "tensorboard":
             _tensorboard_writer(logger).add_image(key, image, step, dataformats="HWC")
             destinations.append(f"tensorboard:{key}")
-        else:
+        elif kind == "file":
             file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, bool(logger_list), fallback_dir, key):
+    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         path = save_png(image, directory / f"{_file_stem(key)}_step{step}.png", caption=caption)
         destinations.append(str(path))
     return destinations
@@ -220,6 +236,34 @@ def _clean_cell(value: Any, where: str) -> Any:
     return value
 
 
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (what TensorBoard's Text tab renders). Image cells are left out with
+    their columns (named in a note under the table); ``|`` in cells is escaped; floats get 4 significant digits."""
+    image_cols = {j for j in range(len(columns)) if any(_is_image(row[j]) for row in rows)}
+    keep = [j for j in range(len(columns)) if j not in image_cols]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(columns[j]) for j in keep) + " |",
+        "|" + "|".join("---" for _ in keep) + "|",
+        *("| " + " | ".join(cell(row[j]) for j in keep) + " |" for row in rows),
+    ]
+    if image_cols:
+        lines.append("")
+        lines.append("image columns left out: " + ", ".join(str(columns[j]) for j in sorted(image_cols)))
+    return "\n".join(lines)
+
+
+def _tensorboard_text(logger: object) -> Any:
+    """The logger's writer when it can take text (``add_text``), else ``None``."""
+    writer = _tensorboard_writer(logger)
+    return writer if callable(getattr(writer, "add_text", None)) else None
+
+
 def log_table(
     loggers: Sequence[object] | None,
     key: str,
@@ -228,13 +272,19 @@ def log_table(
     *,
     step: int,
     fallback_dir: str | os.PathLike | None = None,
+    image_files: bool = True,
 ) -> list[str]:
     """Log a table whose cells are numbers, strings or ``uint8 [H, W, 3]`` images; call on rank zero only.
 
-    W&B gets a ``wandb.Table`` (image cells become ``wandb.Image``). Every other logger (TensorBoard included)
-    and the no-logger case get ``<key>_step<step>.csv`` in the logger's directory or ``fallback_dir``; each
-    image cell is saved as ``<key>_step<step>_r<row>_c<col>.png`` next to the CSV and the cell holds that file
-    name (relative to the CSV's folder). Returns the destinations written, as :func:`log_image` does.
+    * W&B: a ``wandb.Table`` (image cells become ``wandb.Image``).
+    * TensorBoard: the table as markdown text (:func:`markdown_table`, shown in the Text tab), image columns
+      left out; no files. (A writer without ``add_text`` gets the CSV below instead.)
+    * every other logger and the no-logger case: one CSV ``<key>_step<step>.csv`` in the logger's directory or
+      ``fallback_dir``. With ``image_files=True`` each image cell is saved as ``<key>_step<step>_r<row>_c<col>.png``
+      next to it and the cell holds that file name; with ``image_files=False`` image columns are left out of the
+      CSV (use it when the images are logged elsewhere, e.g. as the explanation grid).
+
+    Returns the destinations written, as :func:`log_image` does.
     """
     logger_list = _check_loggers(loggers)
     _check_key(key)
@@ -255,20 +305,27 @@ def log_table(
     destinations: list[str] = []
     file_loggers: list[object] = []
     for logger in logger_list:
-        if logger_kind(logger) == "wandb":
+        kind = logger_kind(logger)
+        if kind == "wandb":
             data = [[_wandb_image(c) if _is_image(c) else c for c in row] for row in clean_rows]
             table = _wandb().Table(columns=list(columns), data=data)
             logger.log_metrics({key: table}, step=step)  # type: ignore[attr-defined]
             destinations.append(f"wandb:{key}")
-        else:
+        elif kind == "tensorboard" and (writer := _tensorboard_text(logger)) is not None:
+            writer.add_text(key, markdown_table(columns, clean_rows), step)
+            destinations.append(f"tensorboard:{key}")
+        elif kind in ("file", "tensorboard"):
             file_loggers.append(logger)
     stem = f"{_file_stem(key)}_step{step}"
-    for directory in _file_dirs(file_loggers, bool(logger_list), fallback_dir, key):
+    image_cols = {j for j in range(len(columns)) if any(_is_image(row[j]) for row in clean_rows)}
+    keep = [j for j in range(len(columns)) if image_files or j not in image_cols]
+    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
         csv_rows = []
         for i, row in enumerate(clean_rows):
             out_row = []
-            for j, cell in enumerate(row):
+            for j in keep:
+                cell = row[j]
                 if _is_image(cell):
                     name = f"{stem}_r{i}_c{j}.png"
                     save_png(cell, directory / name)
@@ -278,7 +335,7 @@ def log_table(
         path = directory / f"{stem}.csv"
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(list(columns))
+            writer.writerow([columns[j] for j in keep])
             writer.writerows(csv_rows)
         destinations.append(str(path))
     return destinations
@@ -307,9 +364,11 @@ def log_line_plot(
 ) -> list[str]:
     """Log one curve ``ys`` against ``xs`` (e.g. a deletion curve); call on rank zero only.
 
-    W&B gets a ``wandb.plot.line`` custom chart built from a two-column table (``x_label``, ``y_label``);
-    every other logger and the no-logger case get ``<key>_step<step>.csv`` with those two columns.
-    Returns the destinations written, as :func:`log_image` does.
+    W&B gets a native line plot (``wandb.plot.line`` over a two-column table ``x_label``, ``y_label``);
+    TensorBoard the curve drawn as a figure (:func:`~lightning_xai.viz.figures.render_curves`, Images tab; no
+    files); every other logger and the no-logger case get ``<key>_step<step>.csv`` with those two columns.
+    Several curves in one chart: :func:`lightning_xai.viz.dashboard.log_curves`. Returns the destinations
+    written, as :func:`log_image` does.
     """
     logger_list = _check_loggers(loggers)
     _check_key(key)
@@ -329,15 +388,20 @@ def log_line_plot(
     destinations: list[str] = []
     file_loggers: list[object] = []
     for logger in logger_list:
-        if logger_kind(logger) == "wandb":
+        kind = logger_kind(logger)
+        if kind == "wandb":
             wandb = _wandb()
             table = wandb.Table(columns=[x_label, y_label], data=rows)
             chart = wandb.plot.line(table, x_label, y_label, title=title)
             logger.log_metrics({key: chart}, step=step)  # type: ignore[attr-defined]
             destinations.append(f"wandb:{key}")
-        else:
+        elif kind == "tensorboard":
+            figure = render_curves(x, {y_label: y}, title=title, x_label=x_label, y_label=y_label)
+            _tensorboard_writer(logger).add_image(key, figure, step, dataformats="HWC")
+            destinations.append(f"tensorboard:{key}")
+        elif kind == "file":
             file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, bool(logger_list), fallback_dir, key):
+    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{_file_stem(key)}_step{step}.csv"
         with open(path, "w", newline="") as f:

@@ -1,23 +1,25 @@
 """Heatmap rendering: attribution tensors to uint8 RGB overlays and grids.
 
-Attributors return raw, signed values at input resolution (``shared/DESIGN.md``); turning them into pictures is
-this module's job, and only this module's. Everything here returns ``numpy.uint8`` RGB arrays shaped
+Attributors return raw, signed values at input resolution (see ``docs/architecture.md``); turning them into
+pictures is the job of :mod:`lightning_xai.viz` only. Everything here returns ``numpy.uint8`` RGB arrays shaped
 ``[H, W, 3]`` or ``[B, H, W, 3]``: loggers get exact pixel values and never have to guess a value range (W&B
 0.31 casts float images to uint8 *without* rescaling, so a float heatmap in [0, 1] arrives black).
 
 Conventions
 
 * **Signed vs unsigned maps.** A signed map (both positive and negative evidence, e.g. gradient x input,
-  Integrated Gradients, LRP) is reduced over channels by a plain sum and shown on a diverging blue-white-red
+  Integrated Gradients, LRP) is reduced over channels by a plain sum and shown on matplotlib's diverging ``bwr``
   colormap: red = evidence *for* the target, blue = evidence *against*, white = zero. An unsigned map (e.g.
-  Grad-CAM after its ReLU, gradient magnitude) is reduced by the sum of absolute values and shown on a
-  sequential black-purple-orange-yellow ramp, black = zero.
+  Grad-CAM after its ReLU, gradient magnitude) is reduced by the sum of absolute values and shown on the
+  sequential ``inferno`` colormap, black = zero (:mod:`lightning_xai.viz.style`).
 * **Robust scaling.** Each sample is divided by a high percentile (default 99th) of its absolute values and
   clipped, so that a handful of extreme pixels does not wash the rest of the map out; this is the usual
   practice since SmoothGrad (Smilkov et al., "SmoothGrad: removing noise by adding noise", ICML workshop 2017)
   and Integrated Gradients visualisations (Sundararajan et al., "Axiomatic Attribution for Deep Networks",
   ICML 2017). Scales are per sample: colours are comparable within one map, not across samples.
-* Colormaps are small piecewise-linear tables evaluated with :func:`numpy.interp`; matplotlib is not needed.
+* The functions here draw bare pixels (tiles, overlays, the unlabelled :func:`explanation_grid`). The labelled
+  grid that callbacks and examples log - column headers, row labels, colour bars, marks on zero / failed maps,
+  a fixed scale across epochs - is :func:`lightning_xai.viz.grid.render_explanations`.
 """
 
 from __future__ import annotations
@@ -31,45 +33,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_xai.viz.style import colormap_table
+
 __all__ = [
-    "DIVERGING_COLORMAP",
-    "SEQUENTIAL_COLORMAP",
+    "DIVERGING_COLORMAP",  # noqa: F822 - module __getattr__
+    "SEQUENTIAL_COLORMAP",  # noqa: F822 - module __getattr__
     "colorize",
     "explanation_grid",
     "is_signed",
     "normalize_attributions",
     "overlay",
     "save_png",
+    "tile_images",
     "to_uint8_images",
+    "upscale_nearest",
 ]
 
-#: Diverging colormap for signed maps in [-1, 1]: ``(positions, RGB colours)``; -1 deep blue, 0 white, +1 deep red.
-DIVERGING_COLORMAP: tuple[np.ndarray, np.ndarray] = (
-    np.array([-1.0, -0.5, 0.0, 0.5, 1.0]),
-    np.array(
-        [
-            [25.0, 45.0, 170.0],
-            [115.0, 160.0, 235.0],
-            [255.0, 255.0, 255.0],
-            [240.0, 135.0, 105.0],
-            [175.0, 15.0, 30.0],
-        ]
-    ),
-)
 
-#: Sequential colormap for unsigned maps in [0, 1]: ``(positions, RGB colours)``; 0 black, 1 pale yellow.
-SEQUENTIAL_COLORMAP: tuple[np.ndarray, np.ndarray] = (
-    np.array([0.0, 0.25, 0.5, 0.75, 1.0]),
-    np.array(
-        [
-            [0.0, 0.0, 0.0],
-            [85.0, 20.0, 125.0],
-            [190.0, 50.0, 95.0],
-            [250.0, 145.0, 35.0],
-            [255.0, 250.0, 200.0],
-        ]
-    ),
-)
+def __getattr__(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``DIVERGING_COLORMAP`` / ``SEQUENTIAL_COLORMAP``: ``(positions, RGB colours 0..255)`` tables of the
+    matplotlib colormaps (:func:`lightning_xai.viz.style.colormap_table`), loaded on first access so that
+    importing this module does not import matplotlib."""
+    if name == "DIVERGING_COLORMAP":
+        return colormap_table(True)
+    if name == "SEQUENTIAL_COLORMAP":
+        return colormap_table(False)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Values this far outside [0, 1] (float error after undoing a normalisation) still count as a [0, 1] image.
 _RANGE_TOLERANCE = 1e-3
@@ -169,12 +159,13 @@ def normalize_attributions(attributions: ArrayLike, *, signed: bool | None = Non
 
 
 def colorize(maps: ArrayLike, signed: bool) -> np.ndarray:
-    """Map normalised values to RGB with :data:`DIVERGING_COLORMAP` (signed) or :data:`SEQUENTIAL_COLORMAP`.
+    """Map normalised values to RGB with matplotlib's ``bwr`` (signed) or ``inferno`` (unsigned) colormap.
 
     Args:
         maps: ``[B, H, W]`` (or a single ``[H, W]``) in [-1, 1] if ``signed`` else [0, 1], e.g. the output of
             :func:`normalize_attributions`. Values outside the range are clipped to it.
-        signed: which colormap to use: diverging (0 is white, -1 blue, +1 red) or sequential (0 black, 1 yellow).
+        signed: which colormap to use: diverging (0 is white, -1 blue, +1 red) or sequential (0 black, 1 yellow);
+            the tables are :data:`DIVERGING_COLORMAP` and :data:`SEQUENTIAL_COLORMAP`.
 
     Returns:
         ``numpy.uint8`` array ``[B, H, W, 3]`` (or ``[H, W, 3]``).
@@ -187,7 +178,7 @@ def colorize(maps: ArrayLike, signed: bool) -> np.ndarray:
     m = m.to("cpu", torch.float64)
     _check_finite(m, "maps")
     values = np.clip(m.numpy(), -1.0 if signed else 0.0, 1.0)
-    positions, colours = DIVERGING_COLORMAP if signed else SEQUENTIAL_COLORMAP
+    positions, colours = colormap_table(signed)
     rgb = np.stack([np.interp(values, positions, colours[:, k]) for k in range(3)], axis=-1)
     return np.rint(rgb).astype(np.uint8)
 
@@ -326,7 +317,8 @@ def explanation_grid(
     Args:
         images: ``[B, C, H, W]`` inputs.
         maps: method name -> attributions (``[B, C', h, w]`` or ``[B, h, w]``), in column order. Names are not
-            drawn; put them in the logged caption.
+            drawn: this is the bare layout; :func:`lightning_xai.viz.grid.render_explanations` draws the labelled
+            grid (headers, row labels, colour bars) that people read.
         overlay: blend heatmaps over the grayscale input (:func:`overlay`); ``False`` shows the bare heatmaps.
         pad: white pixels between tiles and around the border.
         alpha, signed, percentile, mean, std: as in :func:`overlay`; ``signed=None`` decides per method.
@@ -377,3 +369,33 @@ def save_png(array: np.ndarray, path: str | os.PathLike, *, caption: str | None 
         info.add_text("Description", caption)
     Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG", pnginfo=info)
     return path
+
+
+def tile_images(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile ``uint8 [n, H, W, 3]`` images row by row into one ``uint8 [H', W', 3]`` image with white gaps of
+    ``pad`` pixels; ``columns=None`` puts them all in one row."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"tile_images expects a uint8 [n, H, W, 3] array, got {getattr(images, 'shape', images)!r}")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"tile_images: pad must be a non-negative int, got {pad!r}")
+    n, h, w, _ = images.shape
+    columns = max(1, n) if columns is None else max(1, min(int(columns), max(1, n)))
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def upscale_nearest(image: np.ndarray, minimum: int = 32) -> np.ndarray:
+    """Enlarge ``[H, W, 3]`` (or ``[H, W]``) by the smallest integer factor that makes its shorter side at least
+    ``minimum`` pixels, repeating pixels (nearest neighbour: no invented detail); larger images are unchanged."""
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
+        got = getattr(image, "shape", image)
+        raise ValueError(f"upscale_nearest expects an [H, W, 3] or [H, W] array, got {got!r}")
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
+        raise ValueError(f"upscale_nearest: minimum must be a positive int, got {minimum!r}")
+    factor = max(1, -(-minimum // max(1, min(image.shape[:2]))))
+    return np.ascontiguousarray(image.repeat(factor, axis=0).repeat(factor, axis=1))
