@@ -359,3 +359,61 @@ def test_max_batches_and_batch_formats():
     batches = [(x[:4], torch.zeros(4)), {"image": x[4:8]}, x[8:]]
     patterns = fit_patterns(model, batches, max_batches=2)
     assert float(patterns.sums("head", "all")["count"][0]) == 8  # two batches of 4 samples
+
+
+# ------------------------------------------------------------------------------------------------- issue 12
+def test_contrastive_target_is_the_difference_of_the_class_explanations():
+    """Issue 12.1: the backward pass of a callable target starts from y_a e_a - y_b e_b, so on a linear model
+    PatternAttribution for "why a not b" sums to y_a - y_b and both methods equal attr(a) - attr(b)."""
+    from lightning_xai.attribution.targets import contrastive_target
+
+    torch.manual_seed(0)
+    model = LinearModel(in_shape=(2, 4, 4), num_classes=3).double().eval()
+    mixing = torch.randn(32, 32, dtype=torch.float64)
+    x = (torch.randn(400, 32, dtype=torch.float64) @ mixing + 0.5).view(400, 2, 4, 4)
+    patterns = fit_patterns(model, loader(x, batch_size=100))
+    probe = x[:5]
+    y = model(probe).detach()
+    for cls in (PatternNet, PatternAttribution):
+        method = cls(patterns)
+        contrast = method(model, probe, contrastive_target(0, 2))
+        torch.testing.assert_close(contrast, method(model, probe, 0) - method(model, probe, 2))
+    relevance = PatternAttribution(patterns)(model, probe, contrastive_target(0, 2))
+    torch.testing.assert_close(relevance.flatten(1).sum(1), y[:, 0] - y[:, 2])
+
+
+def test_batchnorm_folding_works_with_hooks_on_a_non_sequential_model():
+    """Issue 12.8: a forward hook on a non-Sequential BatchNorm model (as wandb.watch or a user adds) no longer
+    makes fitting and explaining refuse the model; the hooks stay and are called only by real forward passes."""
+
+    class ConvBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.bn(self.conv(inputs))).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(16, 3, 6, 6)
+    plain = PatternAttribution(fit_patterns(model, loader(x, batch_size=8)))(model, x[:2], 1)
+    calls: list[str] = []
+    handles = [
+        model.register_forward_hook(lambda m, i, o: calls.append(type(o).__name__)),
+        model.bn.register_forward_hook(lambda m, i, o: calls.append(type(o).__name__)),
+    ]
+    try:
+        before = snapshot(model)
+        patterns = fit_patterns(model, loader(x, batch_size=8))
+        torch.testing.assert_close(PatternAttribution(patterns)(model, x[:2], 1), plain)
+        assert_unchanged(model, before)
+        assert set(calls) == {"Tensor"} and len(calls) == 2 * 3  # 2 fitting batches + 1 explanation, 2 hooks
+    finally:
+        for handle in handles:
+            handle.remove()

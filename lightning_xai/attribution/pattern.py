@@ -55,10 +55,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_xai.attribution.base import Attributor, Target, model_state_guard, select_scores
+from lightning_xai.attribution.base import Attributor, Target, model_logits, model_state_guard, select_scores
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.attribution.lrp.canonizers import BatchNormFolding
 from lightning_xai.attribution.lrp.modules import layer_parameters
+from lightning_xai.batch import BatchReader, Key
+from lightning_xai.checks import check_optional_int, close_matches
+from lightning_xai.distributed import Reducer, default_reducer, sum_over_ranks
 
 __all__ = ["ESTIMATORS", "PatternAttribution", "PatternNet", "PatternSet", "fit_patterns"]
 
@@ -71,8 +74,10 @@ _FORMAT_VERSION = 1
 
 
 def _check_estimator(estimator: str) -> str:
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {list(ESTIMATORS)}")
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        close = close_matches(estimator, ESTIMATORS)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {list(ESTIMATORS)}{hint}")
     return estimator
 
 
@@ -244,17 +249,16 @@ class PatternSet:
             raise ValueError(f"no fitted patterns for layer {name!r}; fitted layers: {self.layer_names}")
         return self.layers[name]
 
-    def all_reduce(self) -> None:
-        """Sum the statistics over the processes of ``torch.distributed`` (no-op when not initialised). Every
-        process must call it, with the same layers fitted."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+    def all_reduce(self, reducer: Reducer | None = None) -> None:
+        """Sum the statistics over the ranks (:func:`lightning_xai.distributed.sum_over_ranks`; a no-op in a
+        single process). Every rank must call it, with the same layers fitted."""
+        reducer = default_reducer() if reducer is None else reducer
+        if reducer.world_size <= 1:
             return
         for name in sorted(self.layers):
             for key, value in sorted(self.layers[name].items()):
                 if key != "weight":
-                    dist.all_reduce(value)
+                    value.copy_(sum_over_ranks(value, reducer))
 
     # ------------------------------------------------------------------------------------ serialisation
     def state_dict(self) -> dict[str, Any]:
@@ -293,19 +297,6 @@ class PatternSet:
         return self
 
 
-def _batch_inputs(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for key in ("image", "images", "input", "inputs", "x"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(f"a dict batch needs an 'image' or 'x' key, got keys {sorted(batch)}")
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    raise TypeError(f"batches must be tensors, (inputs, ...) sequences or dicts, got {type(batch).__name__}")
-
-
 def fit_patterns(
     model: nn.Module,
     data: Iterable[Any],
@@ -315,26 +306,26 @@ def fit_patterns(
     fold_batchnorm: bool = True,
     max_batches: int | None = None,
     reduce: bool = True,
+    input_key: Key | None = None,
 ) -> PatternSet:
     """Learn the signal patterns of ``model``'s Linear/Conv2d layers in one pass over ``data``.
 
     Args:
         model: the trained model (run in eval mode, under ``no_grad``; its state is restored afterwards).
-        data: iterable of batches: input tensors, ``(inputs, ...)`` sequences, or dicts with an ``"image"`` key.
+        data: iterable of batches in any format :class:`lightning_xai.batch.BatchReader` reads (input tensors,
+            ``(inputs, ...)`` sequences, dicts with an ``"image"`` / ``"x"`` / ... key, objects with attributes).
             Inputs are moved to the model's device.
         estimator: default estimator of the returned :class:`PatternSet` (both can be computed from it).
         layers: restrict to these Linear/Conv2d layers (dotted names); default all of them.
         fold_batchnorm: fold BatchNorms into the layers before them (needed for correct ReLU regimes).
         max_batches: stop after this many batches.
         reduce: under ``torch.distributed``, sum the statistics over all processes (every process must call).
+        input_key: where the input is in a batch (see :class:`~lightning_xai.batch.BatchReader`); ``None`` finds it.
     """
     _check_estimator(estimator)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"max_batches must be an integer >= 1 or None, got {max_batches!r}")
+    check_optional_int("max_batches", max_batches, minimum=1, owner="fit_patterns", none_means="every batch")
     _check_supported(model, fold_batchnorm)
     if layers is None:
         targets = _pattern_layers(model)
@@ -347,6 +338,7 @@ def fit_patterns(
             if not isinstance(module, PATTERN_LAYERS):
                 raise ValueError(f"layer {name!r} is a {type(module).__name__}; patterns are fitted for Linear/Conv2d")
             targets[name] = module
+    reader = BatchReader(input_key, owner="fit_patterns")
     pattern_set = PatternSet(estimator, fold_batchnorm)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -364,7 +356,10 @@ def fit_patterns(
             for name, module in targets.items():
                 handles.append(module.register_forward_hook(make_hook(name)))
             for batch in data:
-                inputs = _batch_inputs(batch).to(device)
+                inputs = reader.inputs(batch)
+                if not isinstance(inputs, Tensor):
+                    raise TypeError(f"fit_patterns: batch inputs must be a tensor, got {type(inputs).__name__}")
+                inputs = inputs.to(device)
                 model(inputs.clone() if inputs.is_inference() else inputs)
                 num_batches += 1
                 if max_batches is not None and num_batches >= max_batches:
@@ -430,10 +425,16 @@ class _PatternBackward(Attributor):
             try:
                 for name, module in layers.items():
                     handles.append(module.register_forward_hook(self._make_hook(module, *replacement[name], single)))
-                scores = select_scores(model(inputs), target)
+                output = model_logits(model(inputs))
+                scores = select_scores(output, target)
                 if not scores.requires_grad:
                     raise ValueError("the explained score does not depend differentiably on the input")
-                (signal,) = torch.autograd.grad((scores.detach() * scores).sum(), inputs)
+                # The backward pass starts at every output unit with that unit's own value times the score's
+                # derivative: y_c e_c for a class target, and y_a e_a - y_b e_b for y_a - y_b (not (y_a - y_b)
+                # (e_a - e_b)), so that the explanation of a linear score is the same combination of the
+                # per-class explanations, as for every other linear method of the library.
+                (direction,) = torch.autograd.grad(scores.sum(), output, retain_graph=True)
+                (signal,) = torch.autograd.grad(output, inputs, grad_outputs=output.detach() * direction)
             finally:
                 for handle in handles:
                     handle.remove()

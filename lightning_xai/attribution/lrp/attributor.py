@@ -13,18 +13,18 @@ channel, signed, not normalised). With zero biases and small stabilisers it sums
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_xai.attribution.base import Attributor, Target, select_scores
+from lightning_xai.attribution.base import Attributor, Target, model_logits, select_scores
 from lightning_xai.attribution.lrp.canonizers import CANONIZERS, Canonizer, auto_canonizers, canonize, is_folded
 from lightning_xai.attribution.lrp.composites import Bound, Composite, build_composite
 from lightning_xai.attribution.lrp.modules import EXPLAINED_LAYERS, check_explainable
 from lightning_xai.attribution.lrp.rules import Rule, RuleContext, ZBox, stabilize
+from lightning_xai.checks import check_float
 
 __all__ = ["LRP", "LRPEpsilon", "LRPEpsilonAlpha2Beta1", "LRPEpsilonGammaBox", "LRPEpsilonPlus", "LRPEpsilonPlusFlat"]
 
@@ -64,14 +64,6 @@ def _check_canonizers(spec: CanonizerSpec) -> str | list[Canonizer]:
                 f"{sorted(CANONIZERS)}"
             )
     return result
-
-
-def _check_real(name: str, value: float, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"LRP: {name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"LRP: {name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
 
 
 class _Propagation:
@@ -204,8 +196,8 @@ class LRP(Attributor):
     ) -> None:
         self.composite = composite
         self.canonizers = canonizers
-        self.epsilon = _check_real("epsilon", epsilon, minimum=0.0, strict=True)
-        self.gamma = _check_real("gamma", gamma, minimum=0.0, strict=False)
+        self.epsilon = check_float("epsilon", epsilon, minimum=0.0, strict=True, owner="LRP")
+        self.gamma = check_float("gamma", gamma, minimum=0.0, owner="LRP")
         ZBox(low, high)  # validates the bounds
         self.low, self.high = low, high
         self._composite = build_composite(composite, epsilon=self.epsilon, gamma=self.gamma, low=low, high=high)
@@ -217,7 +209,7 @@ class LRP(Attributor):
             self._composite.check(model)
             propagation = _Propagation(model, self._composite, inputs.shape)
             with propagation.installed():
-                output = model(inputs.clone())
+                output = model_logits(model(inputs.clone()))
                 seed = self._output_seed(output, target)
                 leaves = propagation.leaves
                 grads = torch.autograd.grad(output, [inputs, *leaves], grad_outputs=seed, allow_unused=True)
@@ -233,9 +225,14 @@ class LRP(Attributor):
         """The gradient that starts the backward pass, so that ``output * seed`` is the output's relevance.
 
         For a class target ``d logit / d output`` is one-hot, and ``output * seed`` is one-hot times the logit.
-        For a callable target the first-order decomposition ``output * d score / d output`` is rescaled to sum to
-        the score (the epsilon rule applied to the score function), so relevance starts from the callable's
-        score; for a linear score such as ``y[:, a] - y[:, b]`` the factor is 1.
+        For a callable target the first-order decomposition ``output * d score / d output`` is used, rescaled to sum
+        to the callable's score where it does not already:
+
+        * where the decomposition sums to the score up to rounding (``|score - sum| <= 1e-5 * sum |terms|`` -
+          every linear, bias-free score such as ``y[:, a] - y[:, b]``, also at near ties where the score itself
+          is tiny), it is used exactly as it is (factor 1), so relevance is conserved exactly;
+        * otherwise (a non-linear score, e.g. a softmax probability) it is rescaled by ``score / stabilize(sum,
+          epsilon)`` (the epsilon rule applied to the score function).
         """
         scores = select_scores(output, target)
         if not scores.requires_grad:
@@ -244,8 +241,12 @@ class LRP(Attributor):
         if seed is None:
             raise ValueError("LRP: the explained score does not depend on the model output")
         if callable(target):
-            total = (output.detach() * seed).reshape(len(output), -1).sum(1)
-            factor = scores.detach() / stabilize(total, self.epsilon)
+            terms = (output.detach() * seed).reshape(len(output), -1)
+            total, size = terms.sum(1), terms.abs().sum(1)
+            value = scores.detach()
+            tolerance = 1e-5 * size + torch.finfo(size.dtype).tiny
+            exact = (value - total).abs() <= tolerance
+            factor = torch.where(exact, torch.ones_like(value), value / stabilize(total, self.epsilon))
             seed = seed * factor.view(-1, *([1] * (seed.ndim - 1)))
         return seed
 

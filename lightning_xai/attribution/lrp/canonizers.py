@@ -222,11 +222,18 @@ def _fold_edits(pairs: Sequence[_Pair]) -> list[_Edit]:
     return edits
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(torch.nn.modules.module, f"_global{name}", None) for name in hook_dicts):
-        return True
-    return any(getattr(m, name, None) for m in model.modules() for name in hook_dicts)
+def _hook_free_tracer() -> object:
+    """A ``torch.fx`` tracer that never runs a module's hooks: non-leaf modules are traced through their
+    ``forward`` directly (``Module.__call__`` would run forward hooks with proxies), leaf modules become graph
+    nodes as usual (their hooks are not called either). So a model carrying hooks (a user's, ``wandb.watch``, a
+    profiler's) is traced like the same model without them, and its hooks are neither run nor touched."""
+    from torch import fx
+
+    class HookFreeTracer(fx.Tracer):
+        def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> object:
+            return super().call_module(m, m.forward, args, kwargs)
+
+    return HookFreeTracer()
 
 
 def _describe(node: object, modules: dict[str, nn.Module]) -> str:
@@ -314,8 +321,10 @@ class BatchNormFolding(Canonizer):
     Args:
         pairs: ``[(layer_name, batchnorm_name), ...]`` to fold exactly these. By default the pairs are found by
             tracing the model with ``torch.fx`` (a BatchNorm must be applied directly, and only, to the output of
-            a Linear/Conv layer called once); when the model cannot be traced (data-dependent control flow, or
-            forward hooks that tracing would run), adjacent children of ``nn.Sequential`` containers are used.
+            a Linear/Conv layer called once); the tracer never runs the model's hooks, so models carrying forward
+            hooks (``wandb.watch``, profilers, a user's) are traced as well, and their hooks are left as they are.
+            When the model cannot be traced (data-dependent control flow), adjacent children of ``nn.Sequential``
+            containers are used.
             Any BatchNorm that cannot be folded raises a ``ValueError``. BatchNorms already folded by another
             canonizer are skipped.
     """
@@ -338,12 +347,8 @@ class BatchNormFolding(Canonizer):
         unfolded = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not is_folded(m)]
         if not unfolded:
             return []
-        if _has_hooks(model):
-            return _fold_edits(_pairs_from_sequential(model, unfolded, "the model has hooks, so it is not traced"))
-        from torch import fx
-
         try:
-            graph = fx.Tracer().trace(model)
+            graph = _hook_free_tracer().trace(model)
         except Exception as err:  # any tracing failure: fall back to nn.Sequential adjacency
             reason = f"torch.fx cannot trace the model ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
             return _fold_edits(_pairs_from_sequential(model, unfolded, reason))

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.lrp.modules import EXPLAINED_LAYERS, ResidualAdd, layer_forward, layer_parameters
+from lightning_xai.checks import check_float
 
 __all__ = [
     "ACTIVATIONS",
@@ -74,14 +75,6 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.LeakyReLU,
 )
-
-
-def _check_real(owner: str, name: str, value: float, *, minimum: float, strict: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{owner}: {name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
 
 
 def stabilize(z: Tensor, epsilon: float) -> Tensor:
@@ -212,7 +205,7 @@ class Epsilon(Rule):
     supported = (*EXPLAINED_LAYERS, ResidualAdd)
 
     def __init__(self, epsilon: float = 1e-6) -> None:
-        self.epsilon = _check_real("Epsilon", "epsilon", epsilon, minimum=0.0, strict=True)
+        self.epsilon = check_float("epsilon", epsilon, minimum=0.0, strict=True, owner="Epsilon")
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
         return _redistribute(output, output, self.epsilon)
@@ -232,13 +225,13 @@ class AlphaBeta(Rule):
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-9) -> None:
         owner = type(self).__name__
-        self.alpha = _check_real(owner, "alpha", alpha, minimum=1.0, strict=False)
-        self.beta = _check_real(owner, "beta", beta, minimum=0.0, strict=False)
+        self.alpha = check_float("alpha", alpha, minimum=1.0, strict=False, owner=owner)
+        self.beta = check_float("beta", beta, minimum=0.0, strict=False, owner=owner)
         if abs(self.alpha - self.beta - 1.0) > 1e-6:
             raise ValueError(
                 f"{owner}: alpha - beta must be 1 for relevance to be conserved, got alpha={alpha!r}, beta={beta!r}"
             )
-        self.stabilizer = _check_real(owner, "stabilizer", stabilizer, minimum=0.0, strict=True)
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner=owner)
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
         pos, neg = _signed_contributions(module, inputs[0], negative=self.beta > 0)
@@ -275,8 +268,8 @@ class Gamma(Rule):
     too. ``gamma = 0`` is the z-rule, ``gamma -> inf`` tends to z+."""
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-9) -> None:
-        self.gamma = _check_real("Gamma", "gamma", gamma, minimum=0.0, strict=False)
-        self.stabilizer = _check_real("Gamma", "stabilizer", stabilizer, minimum=0.0, strict=True)
+        self.gamma = check_float("gamma", gamma, minimum=0.0, strict=False, owner="Gamma")
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="Gamma")
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
         pos, neg = _signed_contributions(module, inputs[0], output=output)
@@ -325,7 +318,7 @@ class ZBox(Rule):
         self.low = low if isinstance(low, (int, float)) else lo.tolist()
         self.high = high if isinstance(high, (int, float)) else hi.tolist()
         self._low, self._high = lo, hi
-        self.stabilizer = _check_real("ZBox", "stabilizer", stabilizer, minimum=0.0, strict=True)
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="ZBox")
 
     def _bound(self, bound: Tensor, x: Tensor, name: str, context: RuleContext) -> Tensor:
         if bound.numel() > 1:
@@ -370,7 +363,7 @@ class Flat(Rule):
     input_layer_rule = True
 
     def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = _check_real("Flat", "stabilizer", stabilizer, minimum=0.0, strict=True)
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="Flat")
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
         weight, _ = layer_parameters(module)
@@ -385,7 +378,7 @@ class WSquare(Rule):
     input_layer_rule = True
 
     def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = _check_real("WSquare", "stabilizer", stabilizer, minimum=0.0, strict=True)
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="WSquare")
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
         weight, _ = layer_parameters(module)
@@ -401,7 +394,7 @@ class Pass(Rule):
     supported = ACTIVATIONS
 
     def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = _check_real("Pass", "stabilizer", stabilizer, minimum=0.0, strict=True)
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="Pass")
 
     def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
         x = inputs[0]
