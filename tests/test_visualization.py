@@ -285,3 +285,19 @@ def test_features_of_a_model_that_is_not_gap_cnn():
     model = GapCNN(num_classes=2, channels=4, in_channels=1).eval()
     feats, labels = layer_features(model, "features.0", (torch.rand(3, 1, 5, 5), torch.tensor([0, 1, 0])))
     assert feats.shape == (3, 4) and labels.tolist() == [0, 1, 0]
+
+
+def test_top_k_buffer_and_rank_examples_refuse_nan_scores(gap_cnn):
+    buf = TopKBuffer(2)
+    with pytest.raises(ValueError, match=r"NaN or inf scores for samples \[11\]"):
+        buf.update(torch.tensor([0.5, float("nan"), 0.1]), torch.tensor([10, 11, 12]))
+
+    class NaNForSecond(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = gap_cnn(x)
+            return torch.where(x.flatten(1)[:, :1] > 0.5, torch.full_like(out, float("nan")), out)
+
+    x = torch.zeros(4, 3, 8, 8)
+    x[1] = 1.0
+    with pytest.raises(ValueError, match=r"samples \[1\]"):
+        rank_examples(NaNForSecond(), x, target=0, k=2)

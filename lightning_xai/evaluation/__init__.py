@@ -9,7 +9,12 @@ returns per-sample values:
   :class:`RelevanceRank`;
 * complexity - :class:`Sparseness` (Gini index);
 * sanity checks - :class:`ModelRandomization`, :class:`DataRandomization` (Adebayo et al. 2018);
-* similarity of maps - Spearman / Pearson correlation, SSIM, HOG-feature correlation.
+* similarity of maps - Spearman / Pearson correlation, SSIM, HOG-feature correlation (scikit-image's HOG).
+
+Every metric computes under DDP also on a rank that saw no data; the random ones (:class:`AOPC` with uniform
+noise, :class:`Infidelity`, :class:`MaxSensitivity`) take ``update(..., sample_ids=)`` - the samples' dataset
+indices - so that their value does not depend on how the data is sharded. ``NaN``/``inf`` in inputs, maps or
+model scores raise; undefined samples (empty masks, constant maps) are excluded and counted.
 """
 
 from lightning_xai.evaluation.complexity import Sparseness, gini_index, sparseness
@@ -53,6 +58,7 @@ from lightning_xai.evaluation.randomization import (
     parametrised_layers,
 )
 from lightning_xai.evaluation.similarity import (
+    hog_descriptor,
     hog_features,
     hog_pearson,
     pearson_correlation,
@@ -86,6 +92,7 @@ __all__ = [
     "gaussian_blur",
     "gini_index",
     "heatmap_batch",
+    "hog_descriptor",
     "hog_features",
     "hog_pearson",
     "infidelity",

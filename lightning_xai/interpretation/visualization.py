@@ -338,7 +338,8 @@ class TopKBuffer:
     ``[b, ...]`` kept per sample (e.g. the images) - and ``cells`` - tensors ``[b, U, ...]`` kept per sample and
     column (e.g. a unit's argmax position). Memory stays ``k * U`` entries whatever the number of samples.
     Afterwards ``scores``, ``indices`` and each payload are ``[k', U, ...]`` (``k' = min(k, samples seen)``),
-    sorted best first. Ties keep an unspecified one of the tied samples.
+    sorted best first. Ties keep an unspecified one of the tied samples. A ``NaN`` or infinite score raises a
+    ``ValueError`` naming the samples: it has no place in a ranking (``topk`` would put a ``NaN`` first).
     """
 
     def __init__(self, k: int, *, largest: bool = True) -> None:
@@ -362,6 +363,13 @@ class TopKBuffer:
         indices = indices.detach().long().cpu().reshape(-1)
         if indices.shape[0] != b:
             raise ValueError(f"indices must have one entry per score row ({b}), got {indices.shape[0]}")
+        finite = torch.isfinite(new).all(dim=1)
+        if not bool(finite.all()):
+            bad = indices[~finite].tolist()
+            raise ValueError(
+                f"TopKBuffer: NaN or inf scores for samples {bad}; a non-finite score cannot be ranked (check the "
+                "model's outputs on these samples)"
+            )
         if self.scores is not None and self.scores.shape[1] != u:
             raise ValueError(f"every chunk must have {self.scores.shape[1]} score columns, got {u}")
         old_k = 0 if self.scores is None else self.scores.shape[0]
