@@ -15,22 +15,23 @@ import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trainer
 from PIL import Image
-from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_xai.callbacks.interpretation import (
     ClassPrototypes,
     EmbeddingProjector,
     RelevantUnits,
     TCAVScores,
-    _tile,
 )
 from lightning_xai.interpretation.embedding import project_features
 from lightning_xai.interpretation.relevant_units import RelevantUnitAnalysis
 from lightning_xai.interpretation.tcav import TCAV
+from lightning_xai.namespace import pl
+from lightning_xai.viz.render import tile_images as _tile
+
+ModelCheckpoint = pl.callbacks.ModelCheckpoint
 
 
 def _blob_concepts():
@@ -68,10 +69,10 @@ def test_all_callbacks_log_files_and_metrics(tmp_path):
     trainer, _ = _fit(tmp_path, callbacks)
     for cb in callbacks:
         assert not cb.errors, cb.errors
-    out = tmp_path / "interpretation"
+    out = tmp_path / "xai"  # <default_root_dir>/xai/<callback> when the run has no logger
 
     # TCAV: one table per epoch, one row per (class, concept), and the scores as metrics
-    tables = sorted(glob.glob(str(out / "xai_tcav_scores_step*.csv")))
+    tables = sorted(glob.glob(str(out / "tcavscores" / "xai_tcav_scores_step*.csv")))
     assert len(tables) == 2
     rows = _read_csv(tables[-1])
     assert rows[0][:3] == ["class", "concept", "tcav_score"] and len(rows) == 1 + 3 * 2
@@ -81,18 +82,19 @@ def test_all_callbacks_log_files_and_metrics(tmp_path):
     assert 0.0 <= score <= 1.0 and "xai/tcav/num_significant" in trainer.callback_metrics
 
     # relevant units: unit table with crop images, ablation table, metrics, stability from the second run
-    unit_rows = _read_csv(sorted(glob.glob(str(out / "xai_relevant_units_units_step*.csv")))[-1])
+    unit_rows = _read_csv(sorted(glob.glob(str(out / "relevantunits" / "xai_relevant_units_units_step*.csv")))[-1])
     assert unit_rows[0] == ["class", "rank", "layer", "unit", "weight", "average_crop", "top_crops"]
     assert len(unit_rows) > 1
-    crop = np.asarray(Image.open(out / unit_rows[1][5]))
+    crop = np.asarray(Image.open(out / "relevantunits" / unit_rows[1][5]))
     assert crop.dtype == np.uint8 and crop.shape[2] == 3
-    ablation_rows = _read_csv(sorted(glob.glob(str(out / "xai_relevant_units_ablation_step*.csv")))[-1])
+    ablation_tables = glob.glob(str(out / "relevantunits" / "xai_relevant_units_ablation_step*.csv"))
+    ablation_rows = _read_csv(sorted(ablation_tables)[-1])
     assert len(ablation_rows) == 1 + 3
     assert "xai/relevant_units/stability" in trainer.callback_metrics
     assert len(units.history) == 2 and set(units.history[-1]["units"]) == {0, 1, 2}
 
     # prototypes: a non-blank grid per epoch and the final logits
-    grids = sorted(glob.glob(str(out / "xai_prototypes_grid_step*.png")))
+    grids = sorted(glob.glob(str(out / "classprototypes" / "xai_prototypes_grid_step*.png")))
     assert len(grids) == 2
     grid = np.asarray(Image.open(grids[-1]))
     assert grid.dtype == np.uint8 and grid.std() > 5
@@ -100,7 +102,7 @@ def test_all_callbacks_log_files_and_metrics(tmp_path):
     assert len(prototypes.history[-1][1]) == 3
 
     # embedding: x, y, label, prediction for every probe sample
-    points = _read_csv(sorted(glob.glob(str(out / "xai_embedding_points_step*.csv")))[-1])
+    points = _read_csv(sorted(glob.glob(str(out / "embeddingprojector" / "xai_embedding_points_step*.csv")))[-1])
     assert points[0] == ["x", "y", "label", "class", "prediction", "probe_index"] and len(points) == 1 + 16
     assert embedding.history[-1][1] is not None and 0.0 < embedding.history[-1][1] <= 1.0 + 1e-6
 
@@ -191,19 +193,29 @@ def test_concept_dataset_by_name(tmp_path):
     assert all(0.0 <= e.cav_accuracy <= 1.0 for e in tcav.last_result.entries)
 
 
-def test_failures_warn_and_training_goes_on(tmp_path):
+def test_failures_warn_and_training_goes_on(tmp_path, monkeypatch):
+    """A runtime fault (injected into each method) is recorded and warned at every run; training goes on. (A wrong
+    layer name is a configuration mistake and raises at setup: see test_interpretation_setup.py.)"""
+    concepts, pool = _blob_concepts()
     broken = [
-        TCAVScores("nope", *_blob_concepts()[:1], random_examples=_blob_concepts()[1], num_random=2, num_samples=4),
-        RelevantUnits("nope", num_samples=8),
-        EmbeddingProjector("nope", num_samples=8),
+        TCAVScores("features.3", concepts, random_examples=pool, num_random=2, num_samples=4),
+        RelevantUnits("features.3", num_samples=8),
+        EmbeddingProjector("features", num_samples=8),
     ]
+
+    def nope(*args, **kwargs):
+        raise RuntimeError("nope: injected fault")
+
+    monkeypatch.setattr(broken[0].tcav, "fit_cavs", nope)
+    monkeypatch.setattr(broken[1].analysis, "features", nope)
+    monkeypatch.setattr("lightning_xai.callbacks.embedding.layer_features", nope)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, _ = _fit(tmp_path, broken, epochs=2)
     assert trainer.current_epoch == 2
     for cb in broken:
-        assert len(cb.errors) == 2 and "nope" in cb.errors[0][1]
-    assert any("skipped epoch" in str(w.message) for w in caught)
+        assert len(cb.errors) == 2 and "nope" in cb.errors[0].message
+    assert any("skipped at epoch" in str(w.message) for w in caught)
 
 
 def test_on_error_raise(tmp_path):
@@ -252,7 +264,7 @@ def test_state_dict_round_trip():
 
 def test_wandb_offline_gets_tables_scatter_and_images(tmp_path):
     wandb = pytest.importorskip("wandb")
-    from pytorch_lightning.loggers import WandbLogger
+    WandbLogger = pl.loggers.WandbLogger
 
     logger = WandbLogger(project="xai-test", save_dir=str(tmp_path), offline=True)
     embedding = EmbeddingProjector("features", num_samples=12)
@@ -333,8 +345,8 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     sys.path.insert(0, sys.argv[2])
-    import pytorch_lightning as pl
     import torch
+    from lightning_xai.namespace import pl
     from lightning_helpers import BlobData, TinyClassifier
     from test_interpretation_callbacks import _ddp_callbacks, _ddp_result
 
