@@ -182,3 +182,103 @@ def test_default_layer(resnet18):
     assert default_layer(GapCNN(), torch.randn(2, 3, 8, 8)) == "features"
     with pytest.raises(ValueError, match="no submodule with a 4-D output"):
         default_layer(LinearModel(), torch.randn(2, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------ any output format
+class _DictOutput(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.inner(x), "features": x.flatten(1)}
+
+
+class _TupleOutput(_DictOutput):
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.inner(x), x.flatten(1)
+
+
+class _HFOutput(_DictOutput):
+    class Output:
+        def __init__(self, logits: torch.Tensor) -> None:
+            self.logits = logits
+            self.hidden_states = None
+
+    def forward(self, x: torch.Tensor) -> Output:
+        return self.Output(self.inner(x))
+
+
+def test_select_scores_reads_logits_from_dict_tuple_and_objects():
+    logits = torch.arange(12.0).view(3, 4)
+    expected = select_scores(logits, 2)
+    for output in ({"logits": logits, "loss": torch.tensor(0.0)}, (logits, None), _HFOutput.Output(logits)):
+        torch.testing.assert_close(select_scores(output, 2), expected)
+        torch.testing.assert_close(select_scores(output, lambda y: y[:, 1] - y[:, 0]), logits[:, 1] - logits[:, 0])
+    with pytest.raises(TypeError, match="cannot read logits"):
+        select_scores({"a": 1, "b": 2}, 0)
+
+
+@pytest.mark.parametrize("wrapper", [_DictOutput, _TupleOutput, _HFOutput])
+@pytest.mark.parametrize("name", ["saliency", "integrated_gradients", "gradcam", "scorecam", "occlusion", "lrp"])
+def test_attributors_explain_models_returning_dicts_tuples_and_logits_objects(wrapper, name):
+    """Any output format: the same explanation as for the bare model (a tensor of logits)."""
+    from lightning_xai.attribution.lrp import LRP
+
+    bare = GapCNN().eval()
+    wrapped = wrapper(bare).eval()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = {"gradcam": {"layer": "features"}, "scorecam": {"layer": "features"}, "occlusion": {"window": 4}}
+    method = LRP("epsilon") if name == "lrp" else build_attributor({"name": name, **kwargs.get(name, {})})
+    if name in ("gradcam", "scorecam"):  # the layer's dotted name inside the wrapper
+        method.layer = "inner.features"
+    expected = (LRP("epsilon") if name == "lrp" else build_attributor({"name": name, **kwargs.get(name, {})}))(
+        bare, x, torch.tensor([1, 3])
+    )
+    torch.testing.assert_close(method(wrapped, x, torch.tensor([1, 3])), expected)
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+class _FakeOptimizedModule(nn.Module):
+    """Mimics torch._dynamo's OptimizedModule: the original module under ``_orig_mod``."""
+
+    def __init__(self, mod: nn.Module) -> None:
+        super().__init__()
+        self._orig_mod = mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._orig_mod(x)
+
+
+def test_layer_names_resolve_through_a_compiled_wrapper():
+    model = GapCNN().eval()
+    wrapped = _FakeOptimizedModule(model)
+    name, module = resolve_layer(wrapped, "features")
+    assert (name, module) == ("features", model.features)
+    assert resolve_layer(wrapped, "_orig_mod.features.0")[1] is model.features[0]
+    assert resolve_layer(wrapped, model.features)[0] == "features"
+    assert default_layer(wrapped, torch.rand(1, 3, 8, 8)) == default_layer(model, torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="close matches"):
+        resolve_layer(wrapped, "featurez")
+    from lightning_xai.attribution import GradCAM
+
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(GradCAM(layer="features")(wrapped, x, 1), GradCAM(layer="features")(model, x, 1))
+
+
+def test_gradcam_by_layer_name_on_a_torch_compiled_model():
+    """Issue 19.12: GradCAM(layer="features") on torch.compile(model) (the "eager" backend: a real
+    OptimizedModule without a C++ toolchain; inductor takes about a minute on CPU)."""
+    from lightning_xai.attribution import GradCAM, IntegratedGradients
+
+    model = GapCNN().eval()
+    try:
+        compiled = torch.compile(model, backend="eager")
+    except Exception as err:  # pragma: no cover - torch.compile unavailable on this platform
+        pytest.skip(f"torch.compile is not available here: {type(err).__name__}: {err}")
+    assert hasattr(compiled, "_orig_mod") and compiled is not model
+    x = torch.rand(2, 3, 8, 8)
+    before = snapshot(model)
+    torch.testing.assert_close(GradCAM(layer="features")(compiled, x, 1), GradCAM(layer="features")(model, x, 1))
+    torch.testing.assert_close(IntegratedGradients(steps=4)(compiled, x, 1), IntegratedGradients(steps=4)(model, x, 1))
+    assert_unchanged(model, before)

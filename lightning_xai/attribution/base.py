@@ -49,8 +49,25 @@ __all__ = [
     "model_logits",
     "model_state_guard",
     "select_scores",
+    "unwrap_compiled",
     "validate_image_batch",
 ]
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The original module of a ``torch.compile``'d model (``OptimizedModule._orig_mod``, also nested), else
+    ``model`` itself.
+
+    Attributors explain the original module, eagerly: its submodules keep their dotted names (``"features"``,
+    not ``"_orig_mod.features"``), hooks fire as written, and no recompilation is triggered by the hooks an
+    explanation installs. The compiled wrapper shares the original's parameters, so the explanation is that of
+    the same function.
+    """
+    seen = 0
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and seen < 8:
+        model = model._orig_mod
+        seen += 1
+    return model
 
 
 def validate_target(target: Target, batch_size: int, num_outputs: int | None) -> None:
@@ -266,6 +283,7 @@ class Attributor(abc.ABC):
         validate_image_batch(inputs, type(self).__name__, image=self.requires_image)
         if not callable(target):
             validate_target(target, inputs.shape[0], None)
+        model = unwrap_compiled(model)
         with model_state_guard(model), gradient_context():
             x = inputs.detach().clone().requires_grad_(True)
             if isinstance(target, Tensor):  # an inference-mode tensor cannot be saved for backward: copy it

@@ -8,6 +8,8 @@ Two traps are handled here once for every layer-based method:
 * **In-place operations after the layer** (``ReLU(inplace=True)``, ``out += identity`` in torchvision's
   ``BasicBlock``) would overwrite the captured activation. The forward hook stores the layer's output and hands
   a *clone* downstream, so the stored tensor stays the exact, unmodified node that the gradient is taken at.
+* **Compiled models** (``torch.compile``) are seen through to their original module (``_orig_mod``), so
+  ``GradCAM(layer="features")`` works on ``torch.compile(model)`` as on ``model``.
 * **Modules called more than once** (torchvision ResNet blocks reuse one ``relu``): every call is recorded;
   methods use the **last** call by default, the one closest to the output, which for a block's shared ``relu``
   is the block output.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.attribution.base import model_state_guard, unwrap_compiled
 
 __all__ = ["LayerCapture", "capture_layer", "default_layer", "resolve_layer"]
 
@@ -32,8 +34,16 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
     """Return ``(dotted_name, module)`` for ``layer`` given by name or as a submodule of ``model``.
 
     Raises ``ValueError`` naming the closest valid names when the name does not exist, and when a module is
-    passed that is not part of ``model``.
+    passed that is not part of ``model``. A ``torch.compile``'d model is seen through: names are those of the
+    original module (``"features"``, as in ``model._orig_mod.named_modules()``), and the ``"_orig_mod."``
+    prefix of the wrapper's own names is accepted too.
     """
+    original = unwrap_compiled(model)
+    if original is not model:
+        if isinstance(layer, str):
+            while layer.startswith("_orig_mod."):
+                layer = layer[len("_orig_mod.") :]
+        model = original
     modules = dict(model.named_modules())
     if isinstance(layer, nn.Module):
         for name, module in modules.items():
@@ -100,6 +110,7 @@ def default_layer(model: nn.Module, inputs: Tensor) -> str:
 
     Found with one forward pass of a single sample under ``torch.no_grad()``; hooks are removed afterwards.
     """
+    model = unwrap_compiled(model)
     order: list[tuple[str, tuple[int, ...]]] = []
     handles = []
 
