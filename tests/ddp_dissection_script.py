@@ -72,6 +72,7 @@ def run(rank: int, world: int, out: str) -> dict:
             global_step=0,
             default_root_dir=out,
             loggers=[],
+            state=SimpleNamespace(fn="fit"),
         )
         cb_result = callback.dissect(trainer, model)
 

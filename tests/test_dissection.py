@@ -3,25 +3,19 @@ explanations, the no-side-effect contract, the callback, and DDP over two CPU pr
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from helpers import GapCNN, assert_unchanged, put_in_train_mode_with_grads, snapshot
-from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
 from torch import nn
 
-from lightning_xai.callbacks.dissection import DissectionScores
-from lightning_xai.data.concepts import ConceptDataModule, ConceptScenes
+from lightning_xai.data.concepts import ConceptScenes
 from lightning_xai.interpretation.compositional import Formula, compositional_search
 from lightning_xai.interpretation.dissection import (
     TABLE_COLUMNS,
@@ -517,125 +511,6 @@ def test_explain_compositional_finds_a_planted_unit():
     (explanation,) = dissection.explain_compositional(model, data, result, [6])
     assert explanation.label == "shape:b AND NOT colour:d" and explanation.iou == 1.0
     assert float(result.best()[1][6]) < 1.0  # no single concept explains it
-
-
-# ------------------------------------------------------------------------------------------------ callback
-
-
-def _concept_data() -> ConceptDataModule:
-    return ConceptDataModule(image_size=32, n_train=32, n_val=24, n_test=8, batch_size=16, class_rule="shape")
-
-
-def test_callback_fit_logs_tables_metrics_and_history(tmp_path):
-    callback = DissectionScores(
-        "features.3", num_samples=16, batch_size=8, output_dir=str(tmp_path / "out"), num_rendered_units=2
-    )
-    pl.seed_everything(0)
-    model = TinyClassifier(num_classes=4)
-    trainer = quiet_trainer(max_epochs=2, callbacks=[callback], default_root_dir=str(tmp_path))
-    trainer.fit(model, _concept_data())
-    assert [h["epoch"] for h in callback.history] == [0, 1] and not callback.errors
-    result = callback.last_result
-    assert trainer.callback_metrics["xai/dissection/detectors"] == result.num_detectors
-    assert "xai/dissection/unique_detectors/colour" in trainer.callback_metrics
-    assert callback.history[-1]["unique_detectors"] == result.unique_detectors_per_category()
-    # the table written for the last epoch is the result's rows
-    path = tmp_path / "out" / f"xai_dissection_units_step{trainer.global_step}.csv"
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == list(TABLE_COLUMNS) and len(rows) == 1 + result.num_units
-    assert [int(r[0]) for r in rows[1:]] == [r[0] for r in result.rows()]
-    assert glob.glob(str(tmp_path / "out" / "xai_dissection_top_units_*_c3.png"))
-    # the same probe dissected directly gives the same result (the trained weights are those of the last epoch)
-    ds = trainer.datamodule.dataset("val")
-    idx = torch.tensor(callback.probe.indices)
-    direct = NetworkDissection("features.3")(
-        model, [(ds.images[idx], ds.concept_masks_for(idx), idx)], ds.concept_names
-    )
-    assert torch.equal(direct.intersection, result.intersection)
-    assert torch.equal(direct.thresholds, result.thresholds)
-
-
-def test_callback_validate_fit_end_and_compositional(tmp_path):
-    callback = DissectionScores(
-        "features.4", num_samples=12, when="fit_end", compositional_units=2, max_length=2, output_dir=""
-    )
-    pl.seed_everything(0)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path))
-    trainer.fit(TinyClassifier(num_classes=4), _concept_data())
-    assert len(callback.history) == 1 and callback.last_outputs == []
-    assert len(callback.last_explanations) == min(2, callback.last_result.num_detectors)
-
-    monitor = DissectionScores("features.4", num_samples=12, output_dir="", probe_dataset=ConceptScenes(20, 32))
-    quiet_trainer(callbacks=[monitor], inference_mode=True).validate(TinyClassifier(num_classes=4), _concept_data())
-    assert len(monitor.history) == 1 and not monitor.errors
-
-
-def test_callback_state_resumes_history(tmp_path):
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    first = DissectionScores("features.3", num_samples=8, output_dir="", num_rendered_units=0)
-    pl.seed_everything(0)
-    trainer = quiet_trainer(
-        max_epochs=1, callbacks=[first, ckpt], enable_checkpointing=True, default_root_dir=str(tmp_path)
-    )
-    trainer.fit(TinyClassifier(num_classes=4), _concept_data())
-    resumed = DissectionScores("features.3", num_samples=8, output_dir="", num_rendered_units=0, seed=99)
-    trainer = quiet_trainer(max_epochs=2, callbacks=[resumed], default_root_dir=str(tmp_path))
-    trainer.fit(TinyClassifier(num_classes=4), _concept_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert [h["epoch"] for h in resumed.history] == [0, 1]
-    assert resumed.history[0] == first.history[0]
-    assert resumed.probe.indices == first.probe.indices  # restored, not redrawn with the new seed
-
-
-def test_callback_wandb_offline_logs_tables(tmp_path):
-    wandb = pytest.importorskip("wandb")
-    from pytorch_lightning.loggers import WandbLogger
-
-    logger = WandbLogger(project="xai-test", save_dir=str(tmp_path), offline=True)
-    callback = DissectionScores("features.3", num_samples=8, num_rendered_units=1)
-    pl.seed_everything(0)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], logger=logger, default_root_dir=str(tmp_path))
-    trainer.fit(TinyClassifier(num_classes=4), _concept_data())
-    run_dir = logger.experiment.dir
-    wandb.finish()
-    tables = glob.glob(os.path.join(run_dir, "media", "table", "**", "*.json"), recursive=True)
-    names = {os.path.basename(p).split("_step")[0].split("_0_")[0] for p in tables}
-    assert any("units" in n for n in names) and any("detectors_per_category" in n for n in names), tables
-    assert set(callback.last_outputs) >= {"wandb:xai/dissection/units", "wandb:xai/dissection/top_units"}
-
-
-def test_callback_failure_warns_or_raises(tmp_path):
-    callback = DissectionScores("features.3", num_samples=4, output_dir="")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path))
-        trainer.fit(TinyClassifier(), BlobData())  # no concept masks in this data
-    assert trainer.current_epoch == 1 and "concept dataset" in callback.errors[0]
-    assert any("concept dataset" in str(w.message) for w in caught)
-    strict = DissectionScores("features.3", num_samples=4, output_dir="", on_error="raise")
-    with pytest.raises(ValueError, match="concept dataset"):
-        quiet_trainer(max_epochs=1, callbacks=[strict]).fit(TinyClassifier(), BlobData())
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"quantile": 1.5}, "quantile"),
-        ({"iou_threshold": -1}, "iou_threshold"),
-        ({"every_n_epochs": 0}, "every_n_epochs"),
-        ({"num_samples": 0}, "num_samples"),
-        ({"split": "validation"}, "split"),
-        ({"when": "epoch_end"}, "when"),
-        ({"on_error": "ignore"}, "on_error"),
-        ({"layer": ""}, "layer"),
-        ({"probe_dataset": [1, 2]}, "concept dataset"),
-    ],
-)
-def test_callback_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        DissectionScores(**{"layer": "features", **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------ DDP
