@@ -11,6 +11,7 @@ import itertools
 import math
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -749,3 +750,174 @@ def test_bad_inputs_fail_with_clear_errors(linear_model, x16, gap_cnn):
         RISE()(linear_model, torch.randn(2, 192), 0)
     with pytest.raises(TypeError, match="floating-point"):
         Occlusion(window=2)(linear_model, torch.ones(1, 3, 8, 8, dtype=torch.long), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 12: PredictionDifference reference sets, donors and memory; exact K-Lasso; documented costs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prediction_difference_conditional_without_reference_names_the_minimum(gap_cnn, x16):
+    """Issue 12.3: fitted on the explained batch the conditional Gaussian degenerates; it must not run silently."""
+    pd = PredictionDifference(window=6, stride=5, padding=1, num_samples=2)
+    assert pd.minimum_reference((3, 16, 16)) == 3  # D = 3 * 8 * 8 = 192 dimensions, 9 * 9 = 81 positions
+    with pytest.raises(ValueError, match=r"needs reference images.*N >= 3 images"):
+        pd(gap_cnn, x16, 1)
+    few = PredictionDifference(window=6, stride=5, padding=1, num_samples=2, reference=REFERENCE16[:2])
+    with pytest.raises(ValueError, match=r"reference holds 2 images, fewer than the 3 needed"):
+        few(gap_cnn, x16, 1)
+    ok = PredictionDifference(window=6, stride=5, padding=1, num_samples=2, reference=REFERENCE16[:3])
+    assert torch.isfinite(ok(gap_cnn, x16, 1)).all()
+    # the marginal sampler needs no reference set
+    assert PredictionDifference(sampling="marginal").minimum_reference((3, 16, 16)) == 1
+
+
+def test_prediction_difference_marginal_never_uses_the_explained_image_as_donor():
+    """Issue 12.4: with reference=None and a batch of two, every donor is the other image, so the weight of
+    evidence is exactly w . (x_b - x_other) / ln 2 over each window (half of it when the image could donate)."""
+    model = LogitModel((3, 8, 8))
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    window, stride = (3, 3), (2, 2)
+    result = PredictionDifference(window=window, stride=stride, sampling="marginal", num_samples=4)(model, x, 0)
+    w = model.w.detach().double()
+
+    def evidence(b: int, r: int, c: int) -> float:
+        diff = (x[b] - x[1 - b]).double()[:, r : r + 3, c : c + 3]
+        return float((w[:, r : r + 3, c : c + 3] * diff).sum()) / math.log(2)
+
+    expected = average_over_windows(evidence, 2, 8, 8, window, stride)
+    torch.testing.assert_close(result.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", ["conditional", "marginal"])
+def test_prediction_difference_draws_replacement_patches_per_chunk(gap_cnn, x16, sampling, monkeypatch):
+    """Issue 12.6: patches are drawn window by window as the chunks need them (not all windows x samples up
+    front), so at most ~batch_size / num_samples + 2 windows of samples exist at a time."""
+    events: list[tuple[str, int]] = []
+    name = f"_{sampling}_sampler"
+    original = getattr(PredictionDifference, name)
+
+    def recording(self, *args, **kwargs):
+        sample = original(self, *args, **kwargs)
+
+        def wrapped(k: int):
+            events.append(("draw", k))
+            return sample(k)
+
+        return wrapped
+
+    monkeypatch.setattr(PredictionDifference, name, recording)
+    num_samples, batch_size = 3, 4
+    pd = PredictionDifference(
+        window=4, stride=2, padding=1, sampling=sampling, num_samples=num_samples, batch_size=batch_size,
+        reference=REFERENCE16,
+    )
+    evaluated = [0]
+
+    def count(_module, args):
+        evaluated[0] += args[0].shape[0]
+        events.append(("forward", evaluated[0]))
+
+    handle = gap_cnn.register_forward_pre_hook(count)
+    try:
+        pd(gap_cnn, x16[:1], 1)
+    finally:
+        handle.remove()
+    draws = [k for kind, k in events if kind == "draw"]
+    assert draws == list(range(len(draws))) and len(draws) == 49  # 7 x 7 windows, each drawn once, in order
+    done = 0
+    for kind, value in events:
+        if kind == "forward":
+            done = value - 1  # the unperturbed image is evaluated first
+        else:  # window k's samples are drawn only when the evaluations before it are (nearly) done
+            assert value * num_samples - done <= batch_size + num_samples, (value, done)
+
+
+def test_k_lasso_returns_exactly_k_features_whenever_k_exist():
+    """Issue 12.5: the selection follows the exact lasso path, so K features come back whenever the path holds
+    K (a fixed lambda grid skipped over K in about a third of such cases)."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n, p = int(rng.integers(20, 60)), int(rng.integers(4, 20))
+        k = int(rng.integers(1, min(p, 8) + 1))
+        z = torch.from_numpy((rng.random((n, p)) > 0.5).astype(float))
+        y = z @ torch.from_numpy(rng.normal(size=p)) + 0.1 * torch.from_numpy(rng.normal(size=n))
+        w = torch.from_numpy(np.exp(-rng.random(n)))
+        assert len(_lasso_selection(z, y, w, k)) == k
+
+
+def test_k_lasso_selection_matches_scikit_learns_lars_path():
+    """An independent reference: scikit-learn's lars_path(method="lasso") on the same weighted, centred data;
+    the last breakpoint with the most (at most K) non-zero coefficients, as the lime package reads it."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n, p = int(rng.integers(20, 60)), int(rng.integers(4, 16))
+        k = int(rng.integers(1, min(p, 6) + 1))
+        z = (rng.random((n, p)) > 0.5).astype(float)
+        y = z @ rng.normal(size=p) + 0.1 * rng.normal(size=n)
+        w = np.exp(-rng.random(n))
+        wn = w / w.sum()
+        xw = (z - wn @ z) * np.sqrt(wn)[:, None]
+        yw = (y - wn @ y) * np.sqrt(wn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, _, coefs = linear_model.lars_path(xw, yw, method="lasso")
+        counts = [int((c != 0).sum()) for c in coefs.T]
+        best = max(c for c in counts if c <= k)
+        column = [i for i, c in enumerate(counts) if c == best][-1]
+        expected = sorted(np.flatnonzero(coefs[:, column]).tolist())
+        assert _lasso_selection(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(w), k) == expected
+
+
+def test_lime_k_lasso_on_a_network_keeps_exactly_k_segments(gap_cnn, x16):
+    for k in (1, 3, 6):
+        values = LIME(num_samples=60, grid=4, solver="k_lasso", n_features=k).explain_segments(gap_cnn, x16, 1)
+        assert [int(torch.count_nonzero(v)) for v in values.values] == [k, k]
+
+
+@pytest.mark.parametrize(
+    ("method", "per_image"),
+    [
+        (lambda: LIME(num_samples=20, grid=4), 20),
+        (lambda: KernelSHAP(num_samples=20, grid=4), 20),  # 2^16 coalitions > 20: 20 sampled (full, empty incl.)
+        (lambda: KernelSHAP(num_samples=256, grid=2), 16),  # every one of the 2^4 coalitions
+    ],
+)
+def test_lime_and_kernel_shap_cost_what_their_docstrings_say(gap_cnn, x16, method, per_image):
+    """The cost docstrings state B * num_samples (LIME) and B * min(num_samples, 2^M) (KernelSHAP)."""
+    attributor = method()
+    with forward_sizes(gap_cnn) as sizes:
+        attributor(gap_cnn, x16, 1)
+    assert sum(sizes) == x16.shape[0] * per_image
+    doc = " ".join(type(attributor).__doc__.split())
+    expected = "``B * num_samples``" if isinstance(attributor, LIME) else "``B * min(num_samples, 2^M)``"
+    assert f"Cost: {expected} model evaluations" in doc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vocabulary: old argument names still work, with a DeprecationWarning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "old", "new", "value"),
+    [
+        (RISE, "n_masks", "num_samples", 12),
+        (LIME, "n_samples", "num_samples", 12),
+        (KernelSHAP, "n_samples", "num_samples", 12),
+        (PredictionDifference, "n_samples", "num_samples", 12),
+        (Occlusion, "fill", "baseline", "blur"),
+        (LIME, "fill", "baseline", 0.5),
+        (KernelSHAP, "fill", "baseline", "mean"),
+    ],
+)
+def test_renamed_arguments_are_deprecated_aliases(cls, old, new, value):
+    with pytest.warns(DeprecationWarning, match=f"{old!r} is deprecated, use {new!r}"):
+        built = cls(**{old: value})
+    assert getattr(built, new) == value
+    with pytest.warns(DeprecationWarning):
+        assert getattr(built, old) == value
+    assert cls(**{new: value}).__dict__ == built.__dict__ or repr(cls(**{new: value})) == repr(built)
+    with pytest.raises(TypeError, match=f"got both {old!r}"):
+        cls(**{old: value, new: value})
