@@ -7,6 +7,7 @@ be built by its registered name with :func:`build_attributor` (``"gradcam"``, ``
 
 from lightning_xai.attribution.base import ATTRIBUTORS, Attributor, Target, build_attributor
 from lightning_xai.attribution.cam import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
+from lightning_xai.attribution.cem import CEMPertinentNegative, CEMPertinentPositive, ContrastiveExplanation
 from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from lightning_xai.attribution.guided import Deconvnet, GuidedBackprop, GuidedGradCAM
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
@@ -26,6 +27,9 @@ __all__ = [
     "LRP",
     "RISE",
     "Attributor",
+    "CEMPertinentNegative",
+    "CEMPertinentPositive",
+    "ContrastiveExplanation",
     "ContrastiveTarget",
     "Deconvnet",
     "GradCAM",
