@@ -20,22 +20,13 @@ import importlib
 import torch
 from torch import Tensor
 
+from lightning_xai.attribution.perturbing import check_pair
+from lightning_xai.checks import check_choice, check_float, check_int
+
 __all__ = ["SEGMENTATIONS", "Segmentation", "grid_segments", "relabel_consecutive"]
 
 #: The valid segmentation method names.
 SEGMENTATIONS = ("grid", "slic")
-
-
-def _as_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
-    """``int`` or ``(int, int)`` of positive integers -> ``(int, int)``, else a clear ``ValueError``."""
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (
-        not isinstance(pair, (tuple, list))
-        or len(pair) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
-    ):
-        raise ValueError(f"{name} must be a positive int or a pair (rows, cols) of positive ints, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def grid_segments(height: int, width: int, grid: int | tuple[int, int], device: torch.device | None = None) -> Tensor:
@@ -43,7 +34,7 @@ def grid_segments(height: int, width: int, grid: int | tuple[int, int], device: 
 
     Raises ``ValueError`` when the grid has more rows (cols) than the image has pixel rows (columns).
     """
-    rows, cols = _as_pair("grid", grid)
+    rows, cols = check_pair("grid", grid)
     if rows > height or cols > width:
         raise ValueError(
             f"a {rows}x{cols} segment grid does not fit a {height}x{width} image (at most one cell per pixel); "
@@ -81,19 +72,12 @@ class Segmentation:
         compactness: float = 10.0,
         sigma: float = 1.0,
     ) -> None:
-        if method not in SEGMENTATIONS:
-            raise ValueError(f"unknown segmentation {method!r}; valid segmentations: {list(SEGMENTATIONS)}")
-        self.method = method
-        self.grid = _as_pair("grid", grid)
-        if isinstance(n_segments, bool) or not isinstance(n_segments, int) or n_segments < 1:
-            raise ValueError(f"n_segments must be an integer >= 1, got {n_segments!r}")
-        self.n_segments = n_segments
-        if not isinstance(compactness, (int, float)) or isinstance(compactness, bool) or compactness <= 0:
-            raise ValueError(f"compactness must be a positive number, got {compactness!r}")
-        self.compactness = float(compactness)
-        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or sigma < 0:
-            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
-        self.sigma = float(sigma)
+        owner = type(self).__name__
+        self.method = check_choice("segmentation", method, SEGMENTATIONS, owner=owner)
+        self.grid = check_pair("grid", grid, owner=owner)
+        self.n_segments = check_int("n_segments", n_segments, minimum=1, owner=owner)
+        self.compactness = check_float("compactness", compactness, minimum=0.0, strict=True, owner=owner)
+        self.sigma = check_float("sigma", sigma, minimum=0.0, owner=owner)
         if method == "slic":
             self._slic()  # fail early, at construction, when scikit-image is missing
 
