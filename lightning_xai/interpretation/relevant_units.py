@@ -19,7 +19,8 @@ of Deep Neural Networks", ICLR 2019:
    the unit's response supports the class, a negative one that it counts against it).
 4. **Interpretation visuals** (:func:`unit_visuals`): for each relevant unit its top-k training images, the
    crops of its receptive field around its strongest response, and their average image. The receptive field is
-   measured by gradient support (:func:`receptive_field`), so it holds for any architecture.
+   computed exactly from the layer geometry (:func:`~lightning_xai.interpretation.receptive_field.receptive_field`;
+   measured by gradient support, with a warning, where the model cannot be traced).
 5. **Explanation** (:meth:`RelevantUnitsResult.explain`): a heatmap of an input from the responses of its
    class's relevant units, each unit's squared activation map upsampled to the input and weighted by its
    contribution ``w_jc * x_ij``.
@@ -40,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import check_positive_int, gradient_context, model_state_guard
+from lightning_xai.attribution.base import check_positive_int, model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device, reduce_activation
+from lightning_xai.interpretation.receptive_field import ReceptiveField, crop_receptive_fields, receptive_field
 from lightning_xai.interpretation.visualization import TopKBuffer
 
 __all__ = [
@@ -144,90 +146,8 @@ def constrained_lasso(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ReceptiveField:
-    """Where a unit of a layer looks in the input, measured by gradient support (:func:`receptive_field`)."""
-
-    layer: str
-    #: ``(height, width)`` of the receptive field in input pixels.
-    size: tuple[int, int]
-    #: Input pixels per layer position, ``(input H / layer H, input W / layer W)``.
-    stride: tuple[float, float]
-    #: Top-left input pixel of the receptive field of layer position ``(0, 0)`` (may be negative: padding).
-    origin: tuple[float, float]
-    input_size: tuple[int, int]
-    layer_size: tuple[int, int]
-    #: The measured support touched the image border: the true field is at least this large and crops show
-    #: the whole image.
-    clipped: bool
-
-    def box(self, h: int, w: int) -> tuple[int, int, int, int]:
-        """``(top, left, bottom, right)`` (bottom/right exclusive) of position ``(h, w)``; may leave the image."""
-        top = round(self.origin[0] + h * self.stride[0])
-        left = round(self.origin[1] + w * self.stride[1])
-        return top, left, top + self.size[0], left + self.size[1]
-
-
-def receptive_field(
-    model: nn.Module,
-    layer: str | nn.Module,
-    input_shape: tuple[int, int, int],
-    *,
-    num_samples: int = 8,
-    seed: int = 0,
-) -> ReceptiveField:
-    """Measure the receptive field of ``layer``'s units by gradient support.
-
-    For ``num_samples`` seeded noise inputs of shape ``(C, H, W)`` the sum over channels of the layer's activation
-    at its central position is differentiated with respect to the input; the bounding box of the pixels with a
-    non-zero gradient (in any sample or channel) is the field. Several random inputs make paths closed by one
-    input's ReLUs or max-pool choices count. Positions further from the centre are mapped by the layer's stride
-    (input size / layer size). Eval mode, model state restored, hook removed.
-    """
-    check_positive_int("num_samples", num_samples)
-    if len(tuple(input_shape)) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
-    c, h, w = (int(s) for s in input_shape)
-    name, _ = resolve_layer(model, layer)
-    g = torch.Generator().manual_seed(seed)
-    device = model_device(model)
-    with model_state_guard(model), gradient_context():
-        x = torch.randn(num_samples, c, h, w, generator=g).to(device).requires_grad_(True)
-        with capture_layer(model, name) as capture:
-            model(x)
-        act = capture.activation
-        if act.ndim != 4:
-            return ReceptiveField(name, (h, w), (float(h), float(w)), (0.0, 0.0), (h, w), (1, 1), True)
-        lh, lw = act.shape[-2:]
-        ch, cw = lh // 2, lw // 2
-        (grad,) = torch.autograd.grad(act[:, :, ch, cw].sum(), x, allow_unused=True)
-    if grad is None or not bool((grad != 0).any()):
-        raise ValueError(f"layer {name!r} does not depend on the input through a gradient path")
-    support = (grad != 0).any(dim=0).any(dim=0)
-    rows = torch.nonzero(support.any(dim=1)).flatten()
-    cols = torch.nonzero(support.any(dim=0)).flatten()
-    r0, r1, c0, c1 = int(rows.min()), int(rows.max()), int(cols.min()), int(cols.max())
-    stride = (h / lh, w / lw)
-    clipped = r0 == 0 or c0 == 0 or r1 == h - 1 or c1 == w - 1
-    origin = (r0 - ch * stride[0], c0 - cw * stride[1])
-    return ReceptiveField(name, (r1 - r0 + 1, c1 - c0 + 1), stride, origin, (h, w), (lh, lw), clipped)
-
-
-def crop_receptive_fields(images: Tensor, positions: Tensor, field: ReceptiveField) -> Tensor:
-    """Crop each image ``[n, C, H, W]`` at the receptive field of its layer position ``positions [n, 2]``
-    (``(h, w)``); parts outside the image are zero. Returns ``[n, C, field height, field width]``, or the whole
-    images when the field is ``clipped``."""
-    if field.clipped:
-        return images.clone()
-    n, c, h, w = images.shape
-    fh, fw = field.size
-    out = images.new_zeros(n, c, fh, fw)
-    for i in range(n):
-        top, left, bottom, right = field.box(int(positions[i, 0]), int(positions[i, 1]))
-        t0, l0, b0, r0 = max(top, 0), max(left, 0), min(bottom, h), min(right, w)
-        if t0 < b0 and l0 < r0:
-            out[i, :, t0 - top : b0 - top, l0 - left : r0 - left] = images[i, :, t0:b0, l0:r0]
-    return out
+# :class:`ReceptiveField`, :func:`receptive_field` and :func:`crop_receptive_fields` live in
+# :mod:`lightning_xai.interpretation.receptive_field` (exact, from the layer geometry) and are re-exported here.
 
 
 # ---------------------------------------------------------------------------------------------------------------
