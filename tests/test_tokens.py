@@ -315,3 +315,30 @@ def test_token_attributions_point_at_the_planted_keys(trained_text_model, method
     random = torch.rand(test.tokens.shape, generator=generator) * (test.tokens != PAD_TOKEN)
     random_mass, random_pointing = _mass_and_pointing(random, test.masks)
     assert random_mass < min_mass and random_pointing < min_pointing, (random_mass, random_pointing)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tokens_render_as_html_and_text():
+    from lightning_xai.viz.text import batch_to_html, tokens_to_html, tokens_to_text
+
+    tokens = ["the", "<b>", "key", "[PAD]"]
+    scores = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    page = tokens_to_html(tokens, scores, skip=["[PAD]"])
+    assert "&lt;b&gt;" in page and "<b>" not in page and "[PAD]" not in page
+    assert "rgba(214,39,40,1.000)" in page  # the largest positive score fully opaque red
+    assert "rgba(31,119,180,0.500)" in page  # -1 at half the scale, blue
+    assert 'title="+2.000"' in page
+    assert tokens_to_text(tokens, scores) == "the(+0.500) <b>(-1.000) key(+2.000) [PAD](+0.000)"
+    assert tokens_to_text(tokens, scores, top_k=1, skip=["[PAD]"]) == "the <b> key(+2.000)"
+    # non-finite scores are shown as such, never as a colour or a plausible number
+    bad = torch.tensor([float("nan"), 1.0, float("inf"), 0.0])
+    assert "line-through" in tokens_to_html(tokens, bad) and 'title="nan"' in tokens_to_html(tokens, bad)
+    assert tokens_to_text(tokens, bad, top_k=1) == "the(nan) <b>(+1.000) key(+inf) [PAD]"
+    shared = batch_to_html([tokens, tokens], torch.stack([scores, scores / 2]), captions=["a", "b"], shared_scale=True)
+    assert shared.count("<span") == 8 and "rgba(214,39,40,0.500)" in shared
+    with pytest.raises(ValueError, match="one score per token"):
+        tokens_to_text(tokens, scores[:3])
