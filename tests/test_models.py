@@ -180,6 +180,9 @@ def test_hyperparameters_are_saved_and_modules_left_out() -> None:
         "weight_decay": 0.0,
         "scheduler": "cosine",
         "momentum": 0.9,
+        "on_nonfinite_loss": "raise",
+        "input_key": None,
+        "label_key": None,
     }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Lightning warns when a module is saved as a hyper-parameter
@@ -350,3 +353,67 @@ def test_small_cnn_learns_the_ground_truth_flowers() -> None:
     accuracy = float(trainer.callback_metrics["val_acc"])
     print(f"SmallCNN on 6-class flowers 32x32: val_acc={accuracy:.3f} in {elapsed:.1f}s wall, {cpu:.1f}s CPU")
     assert accuracy >= 0.9
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model base: divergence guard, dict batches, per-split metric collections
+
+
+def _loader_with_a_nan_pixel(batch_with_nan: int = 1) -> DataLoader:
+    loader = _tiny_loader(n=24, batch_size=8)
+    x, y = loader.dataset.tensors
+    x = x.clone()
+    x[8 * batch_with_nan, 0, 3, 3] = float("nan")
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def test_a_nan_pixel_stops_training_with_an_error_naming_the_step() -> None:
+    from lightning_xai.models.base import NonFiniteLossError
+
+    torch.manual_seed(0)
+    module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3)
+    with pytest.raises(NonFiniteLossError, match=r"ImageClassifier: the loss is nan at train batch 1 \(global step 1"):
+        _trainer(max_epochs=1, limit_val_batches=0).fit(module, _loader_with_a_nan_pixel(1))
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the bad batch never reached the optimiser
+
+
+def test_a_nan_pixel_is_skipped_with_a_warning_when_asked() -> None:
+    torch.manual_seed(0)
+    module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3, on_nonfinite_loss="skip")
+    changed: list[bool] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            changed.append(any(not torch.equal(a, p) for a, p in zip(self.before, pl_module.parameters())))
+
+    with pytest.warns(UserWarning, match="skipped train batch 1"):
+        _trainer(max_epochs=1, limit_val_batches=0, callbacks=[Watch()]).fit(module, _loader_with_a_nan_pixel(1))
+    assert changed == [True, False, True]  # the batch with the NaN pixel updated nothing
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_nonfinite_policy_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"ImageClassifier: unknown on_nonfinite_loss 'ignore'; valid values"):
+        ImageClassifier(on_nonfinite_loss="ignore")
+
+
+def test_dict_batches_are_read_with_configured_keys() -> None:
+    torch.manual_seed(0)
+    module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3, input_key="pixels", label_key="target")
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    loss = module.training_step({"pixels": x, "target": y}, 0)
+    torch.testing.assert_close(loss, F.cross_entropy(module(x), y))
+    with pytest.raises(ValueError, match=r"ImageClassifier: input_key='pixels' is not in the batch"):
+        module.training_step({"image": x, "label": y}, 0)
+    assert module.hparams["input_key"] == "pixels"
+
+
+def test_metrics_are_one_collection_per_split() -> None:
+    module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3)
+    for split in ("train", "val", "test"):
+        metrics = module.metrics_of(split)
+        assert list(metrics.keys(keep_base=False)) == [f"{split}_acc"]
+    assert module.metrics_of("train") is not module.metrics_of("val")

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import gradient_context, model_state_guard
@@ -322,9 +323,9 @@ class AdversarialTrainingMixin:
                 attack_mode="eval",
             )
         self.eval_attack = eval_attack if _check_bool("robust_eval", robust_eval) else None
-        for stage in ("val", "test"):
-            setattr(self, f"{stage}_clean_acc", MulticlassAccuracy(num_classes, average="micro"))
-            setattr(self, f"{stage}_robust_acc", MulticlassAccuracy(num_classes, average="micro"))
+        robust = MetricCollection({name: MulticlassAccuracy(num_classes, average="micro")
+                                   for name in ("clean_acc", "robust_acc")})
+        self.robust_metrics = nn.ModuleDict({stage: robust.clone(prefix=f"{stage}_") for stage in ("val", "test")})
 
     # ------------------------------------------------------------------------------- batch layout hooks
     def adversarial_inputs(self, batch: Any) -> Tensor:
@@ -364,7 +365,8 @@ class AdversarialTrainingMixin:
         if self.eval_attack is None:
             return
         x, y = self.adversarial_inputs(batch), self.adversarial_labels(batch)
-        clean_acc, robust_acc = getattr(self, f"{stage}_clean_acc"), getattr(self, f"{stage}_robust_acc")
+        metrics = self.robust_metrics[stage]
+        clean_acc, robust_acc = metrics["clean_acc"], metrics["robust_acc"]
         clean_acc(self.adversarial_logits(x), y)
         x_adv = self.eval_attack(self, x, y, forward=self.adversarial_logits)  # type: ignore[arg-type]
         robust_acc(self.adversarial_logits(x_adv), y)

@@ -6,10 +6,12 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_xai.batch import Key
 from lightning_xai.models.backbones import build_backbone
-from lightning_xai.models.base import XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule
 
 __all__ = ["ImageClassifier"]
 
@@ -23,13 +25,16 @@ class ImageClassifier(XAIModule):
             ``[B, num_classes]`` (in YAML: ``class_path`` / ``init_args``).
         num_classes: number of classes.
         in_channels: number of input channels (used when ``backbone`` is a name).
-        optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss, input_key, label_key: see
+            :class:`~lightning_xai.models.base.XAIModule`.
 
-    Batches are ``(images, labels, ...)``: only ``batch[0]`` and ``batch[1]`` are read, so the project's
-    ``(image, label, mask)`` batches and plain ``(x, y)`` batches both work. Logged per epoch: ``train_acc``,
-    ``train_loss_epoch`` (and ``train_loss_step`` per step), ``val_loss``, ``val_acc``, ``test_loss``,
-    ``test_acc``. Accuracies are torchmetrics ``MulticlassAccuracy`` (micro average: the fraction of correct
-    predictions), whose states are reduced across DDP ranks; losses are logged with ``sync_dist=True``.
+    Batches are read with :class:`~lightning_xai.batch.BatchReader`: by default ``batch[0]`` / ``batch[1]`` of
+    tuples (so the project's ``(image, label, mask)`` batches and plain ``(x, y)`` batches both work) and the
+    usual keys of dict batches (``image`` / ``pixel_values``, ``label`` / ``labels``). Logged per epoch:
+    ``train_acc``, ``train_loss_epoch`` (and ``train_loss_step`` per step), ``val_loss``, ``val_acc``,
+    ``test_loss``, ``test_acc``. Accuracies are torchmetrics ``MulticlassAccuracy`` (micro average: the fraction
+    of correct predictions) in one ``MetricCollection`` per split, whose states are reduced across DDP ranks;
+    losses are logged with ``sync_dist=True``. A non-finite loss raises (see ``on_nonfinite_loss``).
 
     For attribution, explain either this module (layer names are then prefixed with ``"backbone."``, e.g.
     ``"backbone.features"``) or ``module.backbone`` directly.
@@ -45,8 +50,12 @@ class ImageClassifier(XAIModule):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
-        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
+        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
+                         on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if isinstance(backbone, str):
@@ -57,47 +66,33 @@ class ImageClassifier(XAIModule):
             raise TypeError(f"backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.set_metrics(MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes]``."""
         return self.backbone(x)
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        x, y = batch[0], batch[1]
-        logits = self(x)
+    def classify(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(logits, labels)`` of ``batch``, the logits' shape checked."""
+        sample = self.batch_reader.read(batch)
+        if sample.labels is None:
+            raise ValueError(f"{type(self).__name__}: the batch has no labels ({self.batch_reader!r}); pass label_key=")
+        logits = self(sample.inputs)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"the backbone returned shape {tuple(logits.shape)}; expected logits [B, {self.num_classes}]"
             )
-        loss = F.cross_entropy(logits, y)
-        accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, y)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}_loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(y),
-            prog_bar=stage != "test",
-        )
-        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=stage == "val")
-        return loss
+        return logits, sample.labels
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+    def compute_losses(self, batch: Any, split: str) -> StepOutput:
+        """Cross-entropy of the batch's logits and labels."""
+        logits, labels = self.classify(batch)
+        return StepOutput(F.cross_entropy(logits, labels), {}, logits)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def _step(self, batch: Any, stage: str) -> Tensor | None:
+        """One step of split ``stage`` (kept for subclasses written against the old base)."""
+        return self.shared_step(batch, 0, stage)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Logits ``[B, num_classes]`` of ``batch`` (an image tensor, or a tuple whose first item is one)."""
-        x = batch if isinstance(batch, Tensor) else batch[0]
-        return self(x)
+        """Logits ``[B, num_classes]`` of ``batch`` (an image tensor, or a batch whose input the reader finds)."""
+        return self(self.batch_reader.inputs(batch))

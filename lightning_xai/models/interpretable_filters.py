@@ -259,7 +259,7 @@ class InterpretableFilterClassifier(ImageClassifier):
             self._masked.append(masked)
         return masked
 
-    def _step_with_filter_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+    def _step_with_filter_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor | None:
         self._masked.clear()
         self._record = True
         try:
@@ -273,6 +273,8 @@ class InterpretableFilterClassifier(ImageClassifier):
             )
         floss = filter_loss(self._masked[-1], self.beta, self.alpha, self.tau)
         self._masked.clear()
+        if loss is None:  # a non-finite loss skipped by on_nonfinite_loss="skip"
+            return None
         n = len(batch[1])
         self.log(f"{stage}_filter_loss", floss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         total = loss + self.filter_loss_weight * floss
@@ -280,10 +282,10 @@ class InterpretableFilterClassifier(ImageClassifier):
             self.log("train_total_loss", total, on_step=True, on_epoch=True, sync_dist=True, batch_size=n)
         return total
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._step_with_filter_loss(batch, batch_idx, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._step_with_filter_loss(batch, batch_idx, "val")
 
 

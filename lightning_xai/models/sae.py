@@ -633,9 +633,7 @@ class SparseAutoencoder(XAIModule):
         if not isinstance(config, SAEConfig):
             raise TypeError(f"sae must be an SAE config dataclass or a dict, got {type(sae).__name__}")
         as_dict = config_to_dict(config)
-        self.hparams["sae"] = as_dict  # a plain dict: checkpoints load with weights_only=True
-        if "sae" in getattr(self, "_hparams_initial", {}):
-            self._hparams_initial["sae"] = dict(as_dict)
+        self.hparams_overrides["sae"] = as_dict  # a plain dict: checkpoints load with weights_only=True
         if not isinstance(downstream, bool):
             raise TypeError(f"downstream must be True or False, got {downstream!r}")
         _int("log_top_latents", log_top_latents, 0)
