@@ -5,6 +5,7 @@ maximisation and example ranking, embeddings, and the receptive fields (exact, f
 relevant units and prototype networks crop with.
 """
 
+from lightning_xai.interpretation.atlas import ActivationAtlas, AtlasResult
 from lightning_xai.interpretation.compositional import Formula, compositional_search
 from lightning_xai.interpretation.dissection import DissectionResult, NetworkDissection, dissect
 from lightning_xai.interpretation.embedding import Embedding, embed_layer, layer_features, project_features
@@ -30,7 +31,9 @@ from lightning_xai.interpretation.visualization import ActivationMaximization, r
 __all__ = [
     "TCAV",
     "AblationReport",
+    "ActivationAtlas",
     "ActivationMaximization",
+    "AtlasResult",
     "DissectionResult",
     "DistributedReducer",
     "Embedding",
