@@ -141,3 +141,56 @@ def test_layout_auto_falls_back_to_tsne_without_umap():
     a, b = coords[:10].mean(0), coords[10:].mean(0)
     spread = max(coords[:10].std(0).max(), coords[10:].std(0).max())
     assert float((a - b).norm()) > 2 * float(spread)
+
+
+# ----------------------------------------------------------------------------------------------- callback
+def test_callback_logs_the_atlas_at_fit_end(tmp_path):
+    from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
+
+    from lightning_xai.callbacks import ActivationAtlas as AtlasCallback
+
+    torch.manual_seed(0)
+    method = ActivationAtlas("features", grid_size=3, positions_per_image=4, method="pca",
+                             visualization=ActivationMaximization(**FAST_AM), max_samples=12)
+    callback = AtlasCallback(atlas=method, output_dir=str(tmp_path), target_class=1)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
+    trainer.fit(TinyClassifier(), datamodule=BlobData())
+    assert not callback.errors, callback.errors
+    assert len(callback.history) == 1 and callback.history[0]["cells"] >= 2
+    result = callback.last_result
+    assert result is not None and result.vectors.shape[0] == 12 * 4 and result.class_attribution is not None
+    assert callback.last_metrics["xai/atlas/icon_gain"] > 0
+    pngs = list((tmp_path / "activationatlas").glob("*.png"))
+    assert len(pngs) == 1
+    state = callback.state_dict()
+    assert state["history"][0]["cells"] == callback.history[0]["cells"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(layer="featurs"), r"ActivationAtlas: layer 'featurs' not found .*close matches: \['features'"),
+        (dict(layer="features", target_class=5), r"target_class=5 is out of range; valid: 0..2"),
+    ],
+)
+def test_callback_validates_its_configuration_before_training(kwargs, message):
+    from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
+
+    from lightning_xai.callbacks import ActivationAtlas as AtlasCallback
+    from lightning_xai.callbacks.base import ConfigurationError
+
+    model = TinyClassifier()
+    before = model.head.weight.detach().clone()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[AtlasCallback(method="pca", **kwargs)])
+    with pytest.raises(ConfigurationError, match=message):
+        trainer.fit(model, datamodule=BlobData())
+    torch.testing.assert_close(model.head.weight.detach(), before)  # no training step ran
+
+
+def test_callback_needs_a_layer_or_an_atlas():
+    from lightning_xai.callbacks import ActivationAtlas as AtlasCallback
+
+    with pytest.raises(ValueError, match="ActivationAtlas: give layer="):
+        AtlasCallback()
+    with pytest.raises(ValueError, match="unknown method 'tnse'"):
+        AtlasCallback(layer="features", method="tnse")

@@ -1,5 +1,6 @@
 """Thin Lightning adapters: pick probe data, call the layers below, gather across ranks, log."""
 
+from lightning_xai.callbacks.atlas import ActivationAtlas
 from lightning_xai.callbacks.dissection import DissectionScores
 from lightning_xai.callbacks.explanation_monitor import ExplanationMonitor
 from lightning_xai.callbacks.interpretation import ClassPrototypes, EmbeddingProjector, RelevantUnits, TCAVScores
@@ -8,6 +9,7 @@ from lightning_xai.callbacks.quality import QUALITY_METRICS, ExplanationQuality,
 
 __all__ = [
     "QUALITY_METRICS",
+    "ActivationAtlas",
     "ClassPrototypes",
     "DissectionScores",
     "EmbeddingProjector",
