@@ -437,3 +437,43 @@ def test_cosine_schedule_spans_the_whole_fit_in_joint_mode(datamodule):
     concept = np.array(rates.rates)[:, 0]
     np.testing.assert_allclose(concept[0], 0.01)
     assert (np.diff(concept) < 0).all()
+
+
+# ------------------------------------------------------------------------------------- issue 18: 10, 11, 13
+@pytest.mark.parametrize("mode", ["independent", "sequential"])
+def test_logit_intervention_values_are_frozen_when_the_concept_stage_ends(datamodule, mode):
+    """Koh et al. take the 5th/95th percentiles on the trained concept model: the head stage must not move them."""
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            seen.append((trainer.current_epoch, torch.stack([module.concept_low, module.concept_high]).clone()))
+
+    model = ConceptBottleneckModel(backbone=tiny_backbone(), mode=mode, bottleneck="logit", concept_epochs=1, lr=0.05)
+    trainer(max_epochs=3, limit_val_batches=0, callbacks=[Record()]).fit(model, datamodule)
+    assert bool(model.intervention_calibrated)
+    # callbacks run before the module's own epoch-end hook: epoch 1's record holds the values set at epoch 0's end
+    after_concept_stage = seen[1][1]
+    torch.testing.assert_close(torch.stack([model.concept_low, model.concept_high]), after_concept_stage, rtol=0,
+                               atol=0)
+
+
+def test_more_classes_in_the_data_than_in_the_model_is_an_error_at_setup(datamodule):
+    model = ConceptBottleneckModel(backbone=tiny_backbone(), num_classes=4)
+    with pytest.raises(ValueError, match=r"has 8 classes but the model has num_classes=4"):
+        trainer(max_epochs=1).fit(model, datamodule)
+    loader = DataLoader(TensorDataset(torch.rand(4, 3, 24, 24), torch.tensor([0, 1, 5, 2]), torch.ones(4, K)),
+                        batch_size=4)
+    with pytest.raises(ValueError, match=r"class label 5 is out of range for num_classes=4"):
+        trainer(max_epochs=1).fit(ConceptBottleneckModel(backbone=tiny_backbone(), num_classes=4), loader)
+
+
+def test_a_nan_pixel_is_a_clear_error_naming_the_loss_parts():
+    from lightning_xai.models.base import NonFiniteLossError
+
+    x = torch.rand(8, 3, 24, 24)
+    x[5, 1, 2, 2] = float("nan")
+    loader = DataLoader(TensorDataset(x, torch.arange(8) % 8, (torch.rand(8, K) > 0.5).float()), batch_size=4)
+    model = ConceptBottleneckModel(backbone=tiny_backbone())
+    with pytest.raises(NonFiniteLossError, match=r"train batch 1 .*non-finite parts: \['task_loss', 'concept_loss'\]"):
+        trainer(max_epochs=1).fit(model, loader)

@@ -211,6 +211,42 @@ class XAIModule(pl.LightningModule):
             raise KeyError(f"{type(self).__name__} has no metrics {name!r} for split {split!r}")
         return self.split_metrics[key]
 
+    # ------------------------------------------------------------------------------------------------- checks
+    def setup(self, stage: str) -> None:
+        """Check the data against the model before the first step (see :meth:`check_data_classes`)."""
+        self.check_data_classes()
+
+    def check_data_classes(self) -> None:
+        """A model with ``num_classes`` fed by a datamodule with more classes (its ``num_classes``) would crash
+        mid-step ("Target 4 is out of bounds"): raise at setup instead, naming both numbers (issue 18.10)."""
+        model_classes = getattr(self, "num_classes", None)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(model_classes, int) and isinstance(data_classes, int) and data_classes > model_classes:
+            raise ValueError(
+                f"{type(self).__name__}: the datamodule {type(datamodule).__name__} has {data_classes} classes but "
+                f"the model has num_classes={model_classes}: set num_classes={data_classes}"
+            )
+
+    def check_class_labels(self, labels: Tensor | None) -> None:
+        """Class labels must be in ``[0, num_classes)``: checked on the first batch of each split (a clear error
+        instead of an IndexError / device assert inside the loss)."""
+        num_classes = getattr(self, "num_classes", None)
+        checked = self.__dict__.setdefault("_checked_label_splits", set())
+        split = "train" if self.training else "eval"
+        if split in checked or labels is None or not isinstance(num_classes, int):
+            return
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.numel() == 0:
+            return
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            bad = high if high >= num_classes else low
+            raise ValueError(
+                f"{type(self).__name__}: class label {bad} is out of range for num_classes={num_classes} (labels "
+                f"must be in [0, {num_classes}); this batch holds labels in [{low}, {high}])"
+            )
+        checked.add(split)
+
     # ------------------------------------------------------------------------------------------------- losses
     def compute_losses(self, batch: Any, split: str) -> StepOutput:
         """The loss of ``batch`` with its named parts and the logits for the metrics (models implement it)."""

@@ -77,6 +77,7 @@ class ImageClassifier(XAIModule):
         sample = self.batch_reader.read(batch)
         if sample.labels is None:
             raise ValueError(f"{type(self).__name__}: the batch has no labels ({self.batch_reader!r}); pass label_key=")
+        self.check_class_labels(sample.labels)
         logits = self(sample.inputs)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(

@@ -57,13 +57,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.checks import check_int
+from lightning_xai.distributed import gather_rows, sum_over_ranks
 from lightning_xai.models.backbones import build_backbone
-from lightning_xai.models.base import XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.namespace import pl
 from lightning_xai.viz.logging import log_line_plot
 
@@ -87,38 +89,6 @@ INTERVENTION_ORDERS = ("random", "uncertainty")
 LOGIT_PERCENTILES = (0.05, 0.95)
 
 GroupSpec = Mapping[str, Sequence[int]] | Sequence[Sequence[int]]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _is_distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate the ``[n_r, k]`` rows of every DDP rank (``n_r`` may differ between ranks)."""
-    if not _is_distributed() or torch.distributed.get_world_size() == 1:
-        return rows
-    world = torch.distributed.get_world_size()
-    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    torch.distributed.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    padded = rows.new_zeros(max(sizes), rows.shape[1])
-    padded[: rows.shape[0]] = rows
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
-
-
-def _all_reduce_sum(tensor: Tensor) -> Tensor:
-    if _is_distributed() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 def column_quantiles(values: Tensor, q: Sequence[float]) -> Tensor:
@@ -284,9 +254,9 @@ class ConceptBottleneckModel(XAIModule):
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
         if bottleneck not in BOTTLENECKS:
             raise ValueError(f"unknown bottleneck {bottleneck!r}; valid bottlenecks: {list(BOTTLENECKS)}")
-        k = _check_int("num_concepts", num_concepts, 1)
-        _check_int("num_classes", num_classes, 2)
-        _check_int("percentile_samples", percentile_samples, 1)
+        k = check_int("num_concepts", num_concepts, minimum=1, owner="ConceptBottleneckModel")
+        check_int("num_classes", num_classes, minimum=2, owner="ConceptBottleneckModel")
+        check_int("percentile_samples", percentile_samples, minimum=1, owner="ConceptBottleneckModel")
         if head_lr is not None and (
             isinstance(head_lr, bool)
             or not isinstance(head_lr, int | float)
@@ -299,14 +269,14 @@ class ConceptBottleneckModel(XAIModule):
         if not math.isfinite(concept_loss_weight) or concept_loss_weight < 0:
             raise ValueError(f"concept_loss_weight must be a finite number >= 0, got {concept_loss_weight!r}")
         if head_hidden is not None:
-            _check_int("head_hidden", head_hidden, 1)
+            check_int("head_hidden", head_hidden, minimum=1, owner="ConceptBottleneckModel")
         if mode in ("independent", "sequential"):
             if concept_epochs is None:
                 raise ValueError(
                     f"mode={mode!r} trains in two stages: set concept_epochs (the number of epochs of the concept "
                     "stage; the remaining epochs train the task head)"
                 )
-            _check_int("concept_epochs", concept_epochs, 1)
+            check_int("concept_epochs", concept_epochs, minimum=1, owner="ConceptBottleneckModel")
         elif concept_epochs is not None:
             raise ValueError(f"concept_epochs only applies to 'independent' and 'sequential', not mode={mode!r}")
         if concept_names is not None:
@@ -356,11 +326,11 @@ class ConceptBottleneckModel(XAIModule):
         self._epoch_logits: list[Tensor] = []
         self._epoch_rows = 0
 
-        for split in ("train", "val", "test"):
-            setattr(self, f"{split}_acc", MulticlassAccuracy(num_classes, average="micro"))
-            setattr(self, f"{split}_concept_acc", MultilabelAccuracy(k, threshold=0.5, average="micro"))
-        self.val_concept_auc = ConceptAUROC()
-        self.test_concept_auc = ConceptAUROC()
+        self.set_metrics(MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))
+        self.set_metrics(
+            MetricCollection({"concept_acc": MultilabelAccuracy(k, threshold=0.5, average="micro")}), name="concept"
+        )
+        self.set_metrics(MetricCollection({"concept_auc": ConceptAUROC()}), name="auc")
 
     # ------------------------------------------------------------------------------------------------ model
     @property
@@ -450,7 +420,7 @@ class ConceptBottleneckModel(XAIModule):
         return self._set_percentiles(torch.cat(rows))
 
     def _set_percentiles(self, rows: Tensor) -> Tensor:
-        quantiles = column_quantiles(_all_gather_rows(rows.detach().float()), LOGIT_PERCENTILES)
+        quantiles = column_quantiles(gather_rows(rows.detach().float()), LOGIT_PERCENTILES)
         self.concept_low.copy_(quantiles[0])
         self.concept_high.copy_(quantiles[1])
         self.intervention_calibrated.fill_(True)
@@ -485,7 +455,7 @@ class ConceptBottleneckModel(XAIModule):
         """
         if order not in INTERVENTION_ORDERS:
             raise ValueError(f"unknown order {order!r}; valid orders: {list(INTERVENTION_ORDERS)}")
-        _check_int("n_orders", n_orders, 1)
+        check_int("n_orders", n_orders, minimum=1, owner="ConceptBottleneckModel")
         names, membership = self._resolve_groups(groups if groups is not None else _dataset_groups(data, split))
         num_groups = membership.shape[0]
         steps = torch.arange(num_groups + 1)
@@ -519,7 +489,7 @@ class ConceptBottleneckModel(XAIModule):
                 correct += (predictions == y).sum(dim=-1).double().cpu()
                 total += y.shape[0]
         counts = torch.cat([correct.flatten(), torch.tensor([float(total)], dtype=torch.float64)])
-        counts = _all_reduce_sum(counts.to(self.device)).cpu()  # the device of the process group's backend
+        counts = sum_over_ranks(counts.to(self.device)).cpu()
         correct, total = counts[:-1].view_as(correct), float(counts[-1])
         if total == 0:
             raise ValueError("intervention_curve got no data")
@@ -610,6 +580,7 @@ class ConceptBottleneckModel(XAIModule):
         if isinstance(batch, Tensor) or len(batch) < 2:
             raise ValueError("batches must be (images, labels, concept_labels) tuples")
         x, y = batch[0], batch[1]
+        self.check_class_labels(y)
         c = batch[2] if len(batch) > 2 else None
         if c is None:
             if need_concepts:
@@ -662,23 +633,31 @@ class ConceptBottleneckModel(XAIModule):
             loss = task_loss + self.concept_loss_weight * concept_loss
         return CBMLosses(loss, task_loss, concept_loss, concept_logits, task_logits)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         out = self.compute_losses(batch)
+        parts = {"task_loss": out.task_loss, "concept_loss": out.concept_loss}
+        if not self.loss_is_usable(StepOutput(out.loss, {k: v for k, v in parts.items() if v is not None}), "train",
+                                   batch_idx):
+            return None
         y, c = batch[1], (batch[2] if len(batch) > 2 else None)
         n = len(y)
         self.log("train_loss", out.loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
         if out.task_loss is not None:
             self.log("train_task_loss", out.task_loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
-            self.train_acc(out.task_logits.detach(), y)
-            self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+            accuracy = self.metrics_of("train")["acc"]
+            accuracy(out.task_logits.detach(), y)
+            self.log("train_acc", accuracy, on_step=False, on_epoch=True, batch_size=n)
         if out.concept_logits is not None and c is not None:
             if out.concept_loss is not None:
                 self.log(
                     "train_concept_loss", out.concept_loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n
                 )
-            self.train_concept_acc(torch.sigmoid(out.concept_logits.detach().float()), c.long())
-            self.log("train_concept_acc", self.train_concept_acc, on_step=False, on_epoch=True, batch_size=n)
-        if self.bottleneck == "logit" and out.concept_logits is not None:
+            concept_acc = self.metrics_of("train", "concept")["concept_acc"]
+            concept_acc(torch.sigmoid(out.concept_logits.detach().float()), c.long())
+            self.log("train_concept_acc", concept_acc, on_step=False, on_epoch=True, batch_size=n)
+        # Intervention values follow the concept model while it trains and are frozen when its stage ends (Koh et
+        # al. compute them on the trained concept model): the head stage never moves the values it trains on.
+        if self.bottleneck == "logit" and out.concept_logits is not None and self.stage != "task":
             self._record_logits(out.concept_logits)
         return out.loss
 
@@ -693,11 +672,12 @@ class ConceptBottleneckModel(XAIModule):
         self._epoch_logits, self._epoch_rows = [], 0
 
     def on_train_epoch_end(self) -> None:
-        if self.bottleneck != "logit":
+        if self.bottleneck != "logit" or self.stage == "task":
+            self._epoch_logits, self._epoch_rows = [], 0
             return
         # every rank must take part in the gather, also a rank that recorded nothing this epoch
         has_rows = torch.tensor(float(self._epoch_rows > 0), device=self.device)
-        if float(_all_reduce_sum(has_rows.clone())) > 0:
+        if float(sum_over_ranks(has_rows.clone())) > 0:
             rows = torch.cat(self._epoch_logits) if self._epoch_logits else torch.zeros(0, self.num_concepts)
             self._set_percentiles(rows.to(self.device))
         self._epoch_logits, self._epoch_rows = [], 0
@@ -708,22 +688,24 @@ class ConceptBottleneckModel(XAIModule):
         task_loss = F.cross_entropy(task_logits, y)
         n = len(y)
         loss = task_loss
-        getattr(self, f"{split}_acc")(task_logits, y)
-        self.log(f"{split}_acc", getattr(self, f"{split}_acc"), on_epoch=True, batch_size=n, prog_bar=split == "val")
+        accuracy = self.metrics_of(split)["acc"]
+        accuracy(task_logits, y)
+        self.log(f"{split}_acc", accuracy, on_epoch=True, batch_size=n, prog_bar=split == "val")
         self.log(f"{split}_task_loss", task_loss, on_epoch=True, sync_dist=True, batch_size=n)
         if c is not None:
             concept_loss = self._concept_loss(concept_logits, c)
             loss = task_loss + self.concept_loss_weight * concept_loss
             self.log(f"{split}_concept_loss", concept_loss, on_epoch=True, sync_dist=True, batch_size=n)
             probabilities = torch.sigmoid(concept_logits.float())
-            getattr(self, f"{split}_concept_acc")(probabilities, c.long())
-            self.log(f"{split}_concept_acc", getattr(self, f"{split}_concept_acc"), on_epoch=True, batch_size=n)
-            getattr(self, f"{split}_concept_auc").update(concept_logits, c)
+            concept_acc = self.metrics_of(split, "concept")["concept_acc"]
+            concept_acc(probabilities, c.long())
+            self.log(f"{split}_concept_acc", concept_acc, on_epoch=True, batch_size=n)
+            self.metrics_of(split, "auc")["concept_auc"].update(concept_logits, c)
         self.log(f"{split}_loss", loss, on_epoch=True, sync_dist=True, batch_size=n, prog_bar=split == "val")
         return loss
 
     def _log_auc(self, split: str) -> None:
-        metric = getattr(self, f"{split}_concept_auc")
+        metric = self.metrics_of(split, "auc")["concept_auc"]
         if not metric.update_called:
             return
         auc = metric.compute()  # reduced over DDP ranks by torchmetrics
@@ -749,6 +731,7 @@ class ConceptBottleneckModel(XAIModule):
 
     # ------------------------------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # num_classes against the datamodule's
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_concepts = getattr(datamodule, "num_concepts", None)
         if isinstance(data_concepts, int) and data_concepts != self.num_concepts:
