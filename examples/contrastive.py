@@ -1,7 +1,7 @@
 """Contrastive explanations: "why class a and not class b?" with any attributor.
 
     python examples/contrastive.py                   # trains a tiny CNN for a few seconds, prints the numbers
-    python examples/contrastive.py --save contrastive.png   # also draws the heatmaps (needs matplotlib)
+    python examples/contrastive.py --save contrastive.png   # the labelled heatmap grid to another file
 
 A tiny CNN learns three synthetic classes on 16x16 noise images:
 
@@ -15,7 +15,8 @@ bar" from "square" is the bar, so the attribution shifts towards the bar, while 
 shifts it towards the square (shared evidence cancels only as far as the model treats it alike in both
 classes). The script prints the
 share of positive attribution that falls on each shape for Integrated Gradients and Grad-CAM, and checks the
-linearity of Integrated Gradients: ``IG(y1 - y0) = IG(y1) - IG(y0)``.
+linearity of Integrated Gradients: ``IG(y1 - y0) = IG(y1) - IG(y0)``. The heatmaps are written as a labelled
+grid (:func:`lightning_xai.viz.grid.render_explanations`): one row per image, one column per method and question.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from torch import nn
 from lightning_xai.attribution.cam import GradCAM
 from lightning_xai.attribution.gradient import IntegratedGradients
 from lightning_xai.attribution.targets import contrastive_target
+from lightning_xai.viz.grid import render_explanations
+from lightning_xai.viz.render import save_png
 
 SIZE = 16
 CLASSES = ("square", "square + bar", "bar")
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps of the tiny CNN")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save", default=None, help="write the heatmaps to this PNG file (needs matplotlib)")
+    parser.add_argument("--save", default="runs/contrastive_example/contrastive.png",
+                        help="where the labelled heatmap grid is written ('' for none)")
     args = parser.parse_args(argv)
 
     model = train(args.steps, args.seed)
@@ -134,26 +138,17 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if args.save:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(len(methods), len(targets) + 1, figsize=(3 * (len(targets) + 1), 3 * len(methods)))
-        for row, method_name in enumerate(methods):
-            axes[row, 0].imshow(x[0, 0], cmap="gray")
-            axes[row, 0].set_title("input (class 1)")
-            for col, question in enumerate(targets, start=1):
-                heat = maps[method_name, question][0, 0]
-                bound = float(heat.abs().max()) or 1.0
-                axes[row, col].imshow(heat, cmap="bwr", vmin=-bound, vmax=bound)
-                axes[row, col].set_title(f"{method_name}\n{question}", fontsize=8)
-            for ax in axes[row]:
-                ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(args.save, dpi=100)
-        print(f"heatmaps written to {args.save}")
-
+        short = {"Integrated Gradients": "IG", "Grad-CAM": "Grad-CAM"}
+        question_short = dict(zip(targets, ("y1", "y1 - y0 (not square)", "y1 - y2 (not bar)")))
+        columns = {f"{short[m]}: {question_short[q]}": maps[m, q] for m, q in maps}
+        with torch.no_grad():
+            logits = model(x)
+        grid = render_explanations(
+            x, columns, labels=torch.ones(x.shape[0], dtype=torch.long), logits=logits, class_names=CLASSES,
+            title="why 'square + bar' (y1), and why not 'square' (y1 - y0) or 'bar' (y1 - y2)?",
+        )
+        path = save_png(grid.image, args.save)
+        print(f"heatmaps written to {path}")
 
 if __name__ == "__main__":
     main()

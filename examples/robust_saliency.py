@@ -12,8 +12,9 @@ interpretable CNN filters, on the 6-class ground-truth flowers (class = colour o
 3. Trains an ``InterpretableFilterClassifier`` (Zhang, Wu & Zhu 2018) and measures how consistently its last
    conv layer's filters fire relative to the disc centre (location instability), against the standard model.
 
-Writes ``explanations.png`` (rows: test images; columns: input, saliency of the standard model, saliency of the
-robust model, PatternNet, PatternAttribution) to ``--out`` and prints the scores. The full, reproducible
+Writes ``explanations.png`` (rows: test images, labelled with the true class and the robust model's prediction;
+columns: input, saliency of the standard model, saliency of the robust model, PatternNet, PatternAttribution;
+one colour bar per colour scheme) to ``--out`` and prints the scores. The full, reproducible
 comparison is ``benchmarks/robust_saliency.py`` / ``benchmarks/interpretable_filters.py``.
 """
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytorch_lightning as pl
+import torch
 
 from lightning_xai.attribution import Saliency
 from lightning_xai.attribution.pattern import PatternAttribution, PatternNet, fit_patterns
@@ -36,7 +37,9 @@ from lightning_xai.models.interpretable_filters import (
     filter_peak_positions,
     location_instability,
 )
-from lightning_xai.viz.render import explanation_grid, save_png
+from lightning_xai.namespace import pl
+from lightning_xai.viz.grid import render_explanations
+from lightning_xai.viz.render import save_png
 
 
 def fit(model: pl.LightningModule, data: GroundTruthDataModule, epochs: int) -> pl.LightningModule:
@@ -89,8 +92,17 @@ def main(argv: list[str] | None = None) -> None:
         heat = m.abs() if name.startswith("PatternNet") else m  # the signal estimate is signed in colour space
         iou, mass = mask_iou(heat, masks).nanmean(), relevance_mass(heat, masks).nanmean()
         print(f"{name:32s} {float(iou):.3f}    {float(mass):.3f}")
-    grid = explanation_grid(images[:8], {k: v[:8] for k, v in maps.items()})
-    path = save_png(grid, out / "explanations.png", caption="input | " + " | ".join(maps))
+    with torch.no_grad():
+        logits = robust(images[:8])
+    grid = render_explanations(
+        images[:8],
+        {k: v[:8] for k, v in maps.items()},
+        labels=labels[:8],
+        logits=logits,  # the row labels show the robust model's prediction
+        row_names=[f"test #{i} (robust)" for i in range(8)],
+        title="saliency: standard vs adversarially trained (robust) SmallCNN; patterns of the robust one",
+    )
+    path = save_png(grid.image, out / "explanations.png", caption="input | " + " | ".join(maps))
     print(f"wrote {path}")
 
     # 3. interpretable filters in the last conv layer vs the standard model's filters

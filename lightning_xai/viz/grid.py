@@ -134,8 +134,17 @@ def _wrap(draw: Any, text: str, fnt: Any, width: float, max_lines: int = 2) -> l
             current = ""
     if current:
         pieces.append(current)
+    split: list[str] = []
+    for piece in pieces:  # a piece wider than a line (one long word) is broken between characters
+        while _text_width(draw, piece, fnt) > width and len(piece) > 1:
+            cut = len(piece) - 1
+            while cut > 1 and _text_width(draw, piece[:cut], fnt) > width:
+                cut -= 1
+            split.append(piece[:cut])
+            piece = piece[cut:]
+        split.append(piece)
     lines, line = [], ""
-    for piece in pieces:
+    for piece in split:
         if line and _text_width(draw, line + piece, fnt) > width:
             lines.append(line)
             line = piece
@@ -333,8 +342,9 @@ def render_explanations(
     margin, gap, pad = 10, 4, 6
     f_title, f_head, f_label, f_small = font(15, bold=True), font(13, bold=True), font(12), font(11)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = min(230, max(90, *(int(_text_width(probe, t, f_label)) + 2 * pad + 4 for r in row_texts for t, _ in r)))
-    header_lines = {c: _wrap(probe, c, f_head, tw) for c in columns}
+    widest = max(math.ceil(_text_width(probe, t, f_label)) for r in row_texts for t, _ in r)
+    label_w = min(230, max(90, widest + 2 * pad + 5))
+    header_lines = {c: _wrap(probe, c, f_head, tw, max_lines=3) for c in columns}
     for method, fixed in scales.items():
         if fixed is not None:
             header_lines[method].append(f"s = {_format_scale(fixed)}")
@@ -369,7 +379,7 @@ def render_explanations(
     for c in columns:
         x0 = x_cols[c]
         for k, line in enumerate(header_lines[c]):
-            fnt = f_head if k < len(_wrap(probe, c, f_head, tw)) else f_small
+            fnt = f_head if k < len(_wrap(probe, c, f_head, tw, max_lines=3)) else f_small
             lw = _text_width(draw, line, fnt)
             draw.text((x0 + (tw - lw) / 2, y + k * _line_height(f_head)), line, fill=_TEXT, font=fnt)
         headers[c] = (x0, y, x0 + tw, y + header_h - pad)
