@@ -424,3 +424,40 @@ def test_example_config_runs_with_the_cli(tmp_path):
     assert cli.model.config.d_sae == 8 * cli.model.config.d_in
     assert isinstance(cli.datamodule, ActivationDataModule) and cli.datamodule.cache_status == "written"
     assert "val_downstream_score" in cli.trainer.callback_metrics
+
+
+# ------------------------------------------------------------------------------------------ issue 18: 11, 12
+def test_nonfinite_activations_are_rejected_when_the_decoder_bias_is_initialised():
+    x = _vectors(32, 8)
+    x[3, 2] = float("nan")
+    x[7, 1] = float("inf")
+    module = SparseAutoencoder(ReLUSAEConfig(d_in=8, d_sae=16))
+    with pytest.raises(ValueError, match=r"SparseAutoencoder: the first training batch's activations hold 2 non-"):
+        _trainer(max_steps=2).fit(module, DataLoader(TensorDataset(x), batch_size=32))
+    assert not bool(module.b_dec_initialized) and torch.isfinite(module.sae.b_dec).all()
+
+
+def test_a_later_nonfinite_loss_is_a_clear_error():
+    from lightning_xai.models.base import NonFiniteLossError
+
+    x = _vectors(64, 8)
+    x[40, 0] = float("nan")  # second batch: the bias is already initialised from the first
+    module = SparseAutoencoder(ReLUSAEConfig(d_in=8, d_sae=16))
+    with pytest.raises(NonFiniteLossError, match=r"train batch 1 .*non-finite parts: \[.*'mse'"):
+        _trainer(max_steps=4).fit(module, DataLoader(TensorDataset(x), batch_size=32))
+
+
+def test_downstream_score_is_nan_with_a_warning_when_zero_ablation_does_not_hurt():
+    from lightning_xai.models.sae import DownstreamScore
+
+    labels = torch.tensor([0, 1, 0, 1])
+    confident = torch.tensor([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0], [0.0, 3.0]])
+    wrong = -confident
+    metric = DownstreamScore()
+    metric.update(wrong, confident, confident, labels)  # the zero-ablated model beats the original
+    with pytest.warns(UserWarning, match=r"DownstreamScore: zero-ablating .* downstream_score is NaN"):
+        score = metric.compute()["downstream_score"]
+    assert math.isnan(score.item())
+    metric = DownstreamScore()
+    metric.update(confident, confident, wrong, labels)
+    assert metric.compute()["downstream_score"].item() == pytest.approx(1.0)

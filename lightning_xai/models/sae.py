@@ -71,7 +71,6 @@ All vectors are in the source's (normalised) space; the source's scale is copied
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -83,10 +82,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_xai.checks import check_float, check_int
+from lightning_xai.distributed import default_reducer, sum_over_ranks
 from lightning_xai.interpretation.dissection import DissectionResult, NetworkDissection
-from lightning_xai.interpretation.quantiles import default_reducer
 from lightning_xai.models.activations import ActivationSource, as_activation_batch, find_activation_source
-from lightning_xai.models.base import XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.viz.logging import log_table
 from lightning_xai.viz.render import overlay
 
@@ -113,15 +113,11 @@ B_DEC_INITS = ("mean", "zeros")
 
 
 def _int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum)
 
 
 def _number(name: str, value: object, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
-    return float(value)
+    return check_float(name, value, minimum=minimum)
 
 
 # ---------------------------------------------------------------------------------------------------------- configs
@@ -540,7 +536,17 @@ class DownstreamScore(Metric):
         n = self.n.clamp_min(1.0)
         ce_orig, ce_sae, ce_zero = self.ce_orig / n, self.ce_sae / n, self.ce_zero / n
         gap = ce_zero - ce_orig
-        score = (ce_zero - ce_sae) / gap if float(gap) != 0.0 else torch.tensor(float("nan"), dtype=torch.float64)
+        if float(gap) > 0.0:
+            score = (ce_zero - ce_sae) / gap
+        else:
+            # zero-ablating the layer does not hurt (or helps): the score has no scale (it could exceed 1)
+            if int(self.n) > 0:
+                warnings.warn(
+                    f"DownstreamScore: zero-ablating the layer does not increase the cross-entropy (ce_zero "
+                    f"{float(ce_zero):.4g} <= ce_orig {float(ce_orig):.4g}): downstream_score is NaN",
+                    stacklevel=2,
+                )
+            score = torch.tensor(float("nan"), dtype=torch.float64)
         return {
             "ce_orig": ce_orig,
             "ce_sae": ce_sae,
@@ -552,10 +558,6 @@ class DownstreamScore(Metric):
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _sum_over_processes(tensor: Tensor) -> Tensor:
-    return default_reducer()(tensor, "sum")
-
-
 def _reset_optimizer_slices(optimizer: torch.optim.Optimizer, param: Tensor, index: Tensor, dim: int) -> None:
     """Zero every per-element optimiser state of ``param`` (Adam's ``exp_avg``/``exp_avg_sq``, SGD's momentum)
     at ``index`` along ``dim``; scalar states (Adam's ``step``) are kept."""
@@ -738,14 +740,26 @@ class SparseAutoencoder(XAIModule):
 
     @torch.no_grad()
     def _init_b_dec(self, x: Tensor) -> None:
-        totals = _sum_over_processes(torch.cat([x.double().sum(dim=0), x.new_tensor([x.shape[0]]).double()]))
+        """The decoder bias starts at the mean of the first batch (all ranks): non-finite activations are rejected
+        here, because the mean would absorb a NaN silently and every later step would train on NaN."""
+        bad = (~torch.isfinite(x)).sum().double()
+        totals = sum_over_ranks(
+            torch.cat([x.double().sum(dim=0), x.new_tensor([x.shape[0]]).double(), bad.reshape(1).to(x.device)])
+        )
+        if float(totals[-1]) > 0:
+            raise ValueError(
+                f"{type(self).__name__}: the first training batch's activations hold {int(totals[-1])} non-finite "
+                "values (NaN/inf; summed over all ranks); the decoder bias is initialised from their mean. Check the "
+                "model and the activation source (a NaN input, a diverged model)"
+            )
+        totals = totals[:-1]
         self.sae.b_dec.copy_((totals[:-1] / totals[-1]).to(self.sae.b_dec.dtype))
         self.b_dec_initialized.fill_(True)
 
     @torch.no_grad()
     def _track(self, latents: Tensor, batch: int) -> None:
         fired = (latents != 0).any(dim=0).long()
-        totals = _sum_over_processes(torch.cat([fired, fired.new_tensor([batch])]))
+        totals = sum_over_ranks(torch.cat([fired, fired.new_tensor([batch])]))
         self.samples_since_fired += totals[-1]
         self.samples_since_fired[totals[:-1] > 0] = 0
 
@@ -763,12 +777,14 @@ class SparseAutoencoder(XAIModule):
         self._pool_next = int((self._pool_next + rows.shape[0]) % size)
         self._pool_filled = min(size, self._pool_filled + rows.shape[0])
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, _ = self._vectors(batch)
         if not bool(self.b_dec_initialized):
             self._init_b_dec(x)
         dead = self.dead_latents() if isinstance(self.sae, TopKSAE) else None
         out = self.sae.training_forward(x, step=self.global_step, dead=dead)
+        if not self.loss_is_usable(StepOutput(out.loss, dict(out.losses)), "train", batch_idx):
+            return None
         self._track(out.latents, x.shape[0])
         self._remember(x)
         n = x.shape[0]
@@ -789,8 +805,7 @@ class SparseAutoencoder(XAIModule):
         fusable = self.scheduler_name is None and self.optimizer_name in ("adam", "adamw")
         if not fusable or not params or any(p.device.type not in ("cpu", "cuda") for p in params):
             return super().configure_optimizers()
-        cls = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.AdamW
-        return cls(params, lr=self.lr, weight_decay=self.weight_decay, fused=True)
+        return self.build_optimizer(params, fused=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.sae.remove_parallel_gradient()
