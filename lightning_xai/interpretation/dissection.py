@@ -28,7 +28,8 @@ pass up to the layer, plus the upsampling and counting.
 
 **Data.** ``data`` is any re-iterable of batches (a ``DataLoader`` without shuffling, a list): ``(images,
 concept_masks)``, ``(images, concept_masks, indices)`` or a dict with keys ``"image"``, ``"concept_masks"`` and
-optionally ``"index"``. ``concept_masks`` is ``[B, C, H, W]`` (bool, or any dtype with nonzero = present);
+optionally ``"index"``. ``concept_masks`` is ``[B, C, H, W]`` (bool, or any dtype with nonzero = present), at the
+images' aspect ratio (a different aspect raises a ``ValueError``; another resolution is fine);
 ``indices`` are the images' dataset indices, reported for each unit's top-activating images (default: the
 running position in ``data``; required under ``torch.distributed``).
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,8 +49,22 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.distributed import agree
 from lightning_xai.interpretation.compositional import CompositionalExplanation, compositional_search
+from lightning_xai.interpretation.dissection_result import (
+    TABLE_COLUMNS,
+    DissectionResult,
+    categories_from_names,
+    concept_categories,
+)
+from lightning_xai.interpretation.layer_maps import (
+    ROUNDING_MARGIN,
+    LayerReader,
+    check_reiterable,
+    read_concept_batch,
+    upsample_bilinear,
+)
 from lightning_xai.interpretation.quantiles import QuantileSketch, Reducer, default_reducer
 from lightning_xai.viz.render import overlay
 
@@ -63,211 +77,6 @@ __all__ = [
     "upsample_bilinear",
 ]
 
-#: Columns of :meth:`DissectionResult.rows`.
-TABLE_COLUMNS = ("unit", "concept", "category", "iou", "detector")
-
-_IMAGE_KEYS = ("image", "images", "input", "inputs", "x")
-_MASK_KEYS = ("concept_masks", "concept_mask", "masks", "mask")
-_INDEX_KEYS = ("index", "indices", "idx")
-
-
-def categories_from_names(concept_names: Sequence[str]) -> dict[str, list[int]]:
-    """Group concepts named ``"category:value"`` by category; a name without ``":"`` is in category
-    ``"concept"``. Categories are in order of first appearance."""
-    categories: dict[str, list[int]] = {}
-    for i, name in enumerate(concept_names):
-        category = name.split(":", 1)[0] if ":" in name else "concept"
-        categories.setdefault(category, []).append(i)
-    return categories
-
-
-def _concept_categories(concept_names: Sequence[str], categories: Mapping[str, Sequence[int]] | None) -> list[str]:
-    """The category of every concept; every concept must belong to exactly one category."""
-    if categories is None:
-        categories = categories_from_names(concept_names)
-    num = len(concept_names)
-    owner: list[str | None] = [None] * num
-    for category, members in categories.items():
-        for i in members:
-            if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= int(i) < num:
-                raise ValueError(f"category {category!r} lists concept index {i!r}; valid indices are 0..{num - 1}")
-            if owner[int(i)] is not None:
-                raise ValueError(
-                    f"concept {concept_names[int(i)]!r} is in two categories: {owner[int(i)]!r}, {category!r}"
-                )
-            owner[int(i)] = str(category)
-    missing = [concept_names[i] for i, o in enumerate(owner) if o is None]
-    if missing:
-        raise ValueError(f"every concept needs a category; these have none: {missing[:10]}")
-    return [str(o) for o in owner]
-
-
-# ------------------------------------------------------------------------------------------------------ results
-@dataclass
-class DissectionResult:
-    """Everything network dissection measured for one layer (identical on every process).
-
-    Counts are in pixels of the concept masks, summed over the probe set.
-    """
-
-    layer: str
-    concept_names: list[str]
-    #: category of each concept
-    concept_categories: list[str]
-    quantile: float
-    iou_threshold: float
-    #: ``T_k``, ``Tensor[U]``
-    thresholds: Tensor
-    #: certified bound on the rank error of each ``T_k`` (a fraction of the unit's values), ``Tensor[U]``
-    threshold_rank_error: Tensor
-    #: ``sum_x |M_k & L_c|``, ``LongTensor[U, C]``
-    intersection: Tensor
-    #: ``sum_x |M_k|``, ``LongTensor[U]``
-    unit_area: Tensor
-    #: ``sum_x |L_c|``, ``LongTensor[C]``
-    concept_area: Tensor
-    num_images: int
-    #: dataset indices of each unit's top-activating images (by the maximum of its map), best first; -1 = none
-    top_indices: Tensor
-    #: those maxima, ``Tensor[U, top_k]``
-    top_scores: Tensor
-
-    @property
-    def num_units(self) -> int:
-        return int(self.thresholds.shape[0])
-
-    @property
-    def categories(self) -> dict[str, list[int]]:
-        """category -> concept indices, in order of first appearance."""
-        out: dict[str, list[int]] = {}
-        for i, category in enumerate(self.concept_categories):
-            out.setdefault(category, []).append(i)
-        return out
-
-    @property
-    def iou(self) -> Tensor:
-        """``IoU(k, c)``, ``DoubleTensor[U, C]`` (0 where the union is empty)."""
-        union = self.unit_area[:, None] + self.concept_area[None, :] - self.intersection
-        return torch.where(union > 0, self.intersection.double() / union.clamp_min(1).double(), 0.0)
-
-    def best(self, category: str | None = None) -> tuple[Tensor, Tensor]:
-        """Each unit's best concept (overall, or within ``category``): ``(concept index [U], IoU [U])``."""
-        iou = self.iou
-        if category is None:
-            columns = torch.arange(len(self.concept_names))
-        else:
-            if category not in self.categories:
-                raise ValueError(f"unknown category {category!r}; valid categories: {list(self.categories)}")
-            columns = torch.tensor(self.categories[category])
-        values, where = iou[:, columns].max(dim=1)
-        return columns[where], values
-
-    def best_per_category(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """category -> each unit's best concept in it and its IoU."""
-        return {category: self.best(category) for category in self.categories}
-
-    @property
-    def detectors(self) -> Tensor:
-        """``BoolTensor[U]``: the unit's best IoU exceeds ``iou_threshold``."""
-        return self.best()[1] > self.iou_threshold
-
-    @property
-    def num_detectors(self) -> int:
-        return int(self.detectors.sum())
-
-    def units_per_concept(self) -> dict[str, int]:
-        """Histogram: concept -> number of detector units labelled with it (concepts without detectors left out),
-        most frequent first."""
-        concept, _ = self.best()
-        counts: dict[str, int] = {}
-        for k in torch.nonzero(self.detectors).flatten().tolist():
-            name = self.concept_names[int(concept[k])]
-            counts[name] = counts.get(name, 0) + 1
-        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-
-    def unique_detectors_per_category(self) -> dict[str, int]:
-        """category -> number of distinct concepts of the category that label at least one detector unit."""
-        concept, _ = self.best()
-        detected = {int(concept[k]) for k in torch.nonzero(self.detectors).flatten().tolist()}
-        return {cat: sum(1 for c in members if c in detected) for cat, members in self.categories.items()}
-
-    def detector_units_per_category(self) -> dict[str, int]:
-        """category -> number of detector units whose label belongs to the category."""
-        concept, _ = self.best()
-        counts = dict.fromkeys(self.categories, 0)
-        for k in torch.nonzero(self.detectors).flatten().tolist():
-            counts[self.concept_categories[int(concept[k])]] += 1
-        return counts
-
-    def rows(self, only_detectors: bool = False) -> list[list[Any]]:
-        """One row per unit, ``[unit, concept, category, iou, detector]`` (see :data:`TABLE_COLUMNS`), sorted by
-        IoU, best first."""
-        concept, iou = self.best()
-        detectors = self.detectors
-        order = sorted(range(self.num_units), key=lambda k: (-float(iou[k]), k))
-        rows = []
-        for k in order:
-            if only_detectors and not bool(detectors[k]):
-                continue
-            c = int(concept[k])
-            rows.append([k, self.concept_names[c], self.concept_categories[c], float(iou[k]), bool(detectors[k])])
-        return rows
-
-    def summary(self) -> str:
-        unique = ", ".join(f"{cat}: {n}" for cat, n in self.unique_detectors_per_category().items())
-        return (
-            f"layer {self.layer!r}: {self.num_detectors}/{self.num_units} detector units (IoU > "
-            f"{self.iou_threshold}) over {self.num_images} images; unique detectors per category: {unique}"
-        )
-
-
-# ------------------------------------------------------------------------------------------------------ helpers
-class _StopForward(BaseException):
-    """Raised by a hook to end the forward pass once the dissected layer has produced its output. A
-    ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
-
-
-def _read_batch(item: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-    if isinstance(item, Mapping):
-        images = next((item[k] for k in _IMAGE_KEYS if k in item), None)
-        masks = next((item[k] for k in _MASK_KEYS if k in item), None)
-        indices = next((item[k] for k in _INDEX_KEYS if k in item), None)
-        if images is None or masks is None:
-            raise ValueError(
-                f"a batch dict needs an image key {_IMAGE_KEYS} and a concept-mask key {_MASK_KEYS}; got {sorted(item)}"
-            )
-    elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) in (2, 3):
-        images, masks = item[0], item[1]
-        indices = item[2] if len(item) == 3 else None
-    else:
-        raise TypeError(
-            "each batch must be (images, concept_masks), (images, concept_masks, indices) or a dict with 'image' "
-            f"and 'concept_masks'; got {type(item).__name__}"
-            + (f" of length {len(item)}" if isinstance(item, Sequence) else "")
-        )
-    if not isinstance(images, Tensor) or not images.is_floating_point() or images.ndim < 2:
-        raise TypeError(f"images must be a floating-point tensor [B, ...], got {getattr(images, 'dtype', images)!r}")
-    if not isinstance(masks, Tensor) or masks.ndim != 4 or masks.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"concept masks must be a tensor [B, C, H, W] with B = {images.shape[0]}, "
-            f"got {list(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__}"
-        )
-    if indices is not None:
-        indices = torch.as_tensor(indices).reshape(-1).long()
-        if indices.shape[0] != images.shape[0]:
-            raise ValueError(f"got {indices.shape[0]} indices for a batch of {images.shape[0]} images")
-    return images, masks, indices
-
-
-def _check_reiterable(data: Any) -> None:
-    if isinstance(data, Tensor) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"data must be a re-iterable of batches (a DataLoader without shuffling, a list of (images, masks)); "
-            f"got {type(data).__name__}"
-        )
-    if isinstance(data, Iterator):  # a generator or iterator: it would be empty the second time
-        raise TypeError("data is a one-shot iterator, but dissection reads it twice; pass a DataLoader or a list")
-
 
 def _select_top(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top ``k`` per row by score, ties to the smaller index (independent of the candidates' order)."""
@@ -277,93 +86,15 @@ def _select_top(scores: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor
     return scores.gather(1, by_score), indices.gather(1, by_score)
 
 
-#: Relative rounding slack of :func:`upsample_bilinear` (a few float32 ulps of the map's largest magnitude).
-_ROUNDING_MARGIN = 1e-6
-
-
-def upsample_bilinear(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``maps [..., h, w]`` to ``size`` with ``align_corners=False`` semantics (the
-    convention of :func:`torch.nn.functional.interpolate`), computed with elementwise operations only.
-
-    Unlike ``F.interpolate``, whose CPU kernels round differently depending on the layout and the number of
-    channels, every output value here depends only on its own map: a unit's mask does not change with the batch
-    it is computed in, which keeps distributed results identical to single-process ones. Agrees with
-    ``F.interpolate`` to float32 rounding.
-    """
-    height, width = maps.shape[-2:]
-    rows = _linear_weights(height, size[0], maps.device)
-    cols = _linear_weights(width, size[1], maps.device)
-    (x0, x1, wx0, wx1), (y0, y1, wy0, wy1) = cols, rows
-    across = maps.index_select(-1, x0).mul_(wx0).add_(maps.index_select(-1, x1).mul_(wx1))  # [..., h, W]
-    return across.index_select(-2, y0).mul_(wy0[:, None]).add_(across.index_select(-2, y1).mul_(wy1[:, None]))
-
-
-def _linear_weights(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Source indices and weights of 1-D linear interpolation, ``align_corners=False``."""
-    scale = n_in / n_out
-    source = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0.0)
-    low = source.floor().long().clamp_max(n_in - 1)
-    high = (low + 1).clamp_max(n_in - 1)
-    w_high = (source - low.double()).float()
-    w_low = 1.0 - w_high
-    return low.to(device), high.to(device), w_low.to(device), w_high.to(device)
-
-
 def _agree(reducer: Reducer, error: BaseException | None, stage: str) -> None:
-    """Collective check that every process finished ``stage``; re-raise the local error or report a remote one.
-
-    Keeps processes from waiting forever in a collective that a failed process never reaches."""
-    ok = reducer(torch.tensor([0 if error is not None else 1], dtype=torch.int64), "min")
+    """Collective check that every process finished ``stage`` (:func:`lightning_xai.distributed.agree`);
+    re-raise the local error or report a remote one, so that no process waits forever in a collective that a
+    failed process never reaches."""
+    everyone = agree(error is None, reducer)
     if error is not None:
         raise error
-    if int(ok.min()) == 0:
+    if not everyone:
         raise RuntimeError(f"network dissection failed on another process during {stage}")
-
-
-class _LayerReader:
-    """Runs the model up to the layer and returns its output (its last call in the forward pass).
-
-    With ``stop_at_layer`` the forward pass ends right after that call: how often the layer runs per forward
-    pass is learned once, from a complete forward pass of a single image.
-    """
-
-    def __init__(self, model: nn.Module, layer: str, stop_at_layer: bool) -> None:
-        self.model = model
-        self.layer = layer
-        self.stop_at_layer = stop_at_layer
-        self.calls: int | None = None
-        self.device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
-
-    def _run(self, images: Tensor, stop_after: int | None) -> tuple[Tensor, int]:
-        with capture_layer(self.model, self.layer) as capture:
-            handle = None
-            if stop_after is not None:
-
-                def stop(_module: nn.Module, _inputs: tuple, _output: Any) -> None:
-                    if len(capture.outputs) >= stop_after:
-                        raise _StopForward
-
-                handle = capture.module.register_forward_hook(stop)
-            try:
-                self.model(images)
-            except _StopForward:
-                pass
-            finally:
-                if handle is not None:
-                    handle.remove()
-            return capture.activation, len(capture.outputs)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        images = images.to(self.device)
-        if self.stop_at_layer and self.calls is None:
-            _activation, self.calls = self._run(images[:1], None)
-        activation, _calls = self._run(images, self.calls if self.stop_at_layer else None)
-        if activation.ndim != 4 or activation.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"layer {self.layer!r} outputs shape {list(activation.shape)}; dissection needs feature maps "
-                f"[B, units, h, w] with B = {images.shape[0]}"
-            )
-        return activation.detach()
 
 
 # ------------------------------------------------------------------------------------------------------ dissection
@@ -459,14 +190,14 @@ class NetworkDissection:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         layer_name, _module = resolve_layer(model, self.layer)
-        _check_reiterable(data)
+        check_reiterable(data)
         names = [str(n) for n in concept_names]
         if not names:
             raise ValueError("concept_names is empty: there is nothing to dissect against")
-        concept_categories = _concept_categories(names, categories)
+        category_of = concept_categories(names, categories)
         reducer = self._reducer()
         with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
-            reader = _LayerReader(model, layer_name, self.stop_at_layer)
+            reader = LayerReader(model, layer_name, self.stop_at_layer)
             sketch, top_scores, top_indices, cache = self._first_pass(reader, data, reducer)
             thresholds = sketch.quantile(1.0 - self.quantile)
             rank_error = sketch.rank_error(1.0 - self.quantile)
@@ -475,7 +206,7 @@ class NetworkDissection:
         return DissectionResult(
             layer=layer_name,
             concept_names=names,
-            concept_categories=concept_categories,
+            concept_categories=category_of,
             quantile=self.quantile,
             iou_threshold=self.iou_threshold,
             thresholds=thresholds.cpu(),
@@ -489,7 +220,7 @@ class NetworkDissection:
         )
 
     def _first_pass(
-        self, reader: _LayerReader, data: Iterable[Any], reducer: Reducer
+        self, reader: LayerReader, data: Iterable[Any], reducer: Reducer
     ) -> tuple[QuantileSketch, Tensor, Tensor, list[tuple[Tensor, float]] | None]:
         """Stream the activations once: quantile sketch, top images, and the cache for the second pass."""
         sketch: QuantileSketch | None = None
@@ -500,7 +231,7 @@ class NetworkDissection:
         error: BaseException | None = None
         try:
             for item in data:
-                images, _masks, indices = _read_batch(item)
+                images, _masks, indices = read_concept_batch(item)
                 if indices is None:
                     if reducer.world_size > 1:
                         raise ValueError(
@@ -565,7 +296,7 @@ class NetworkDissection:
         flat = acts.float().flatten(2)
         top, magnitude = flat.amax(dim=2), flat.abs().amax(dim=2)
         t = thresholds.to(acts.device)
-        image, unit = torch.nonzero(top >= t[None, :] - _ROUNDING_MARGIN * magnitude, as_tuple=True)
+        image, unit = torch.nonzero(top >= t[None, :] - ROUNDING_MARGIN * magnitude, as_tuple=True)
         step = max(1, self.chunk_elements // positions)
         for start in range(0, image.shape[0], step):
             b, u = image[start : start + step], unit[start : start + step]
@@ -583,7 +314,7 @@ class NetworkDissection:
 
     def _second_pass(
         self,
-        reader: _LayerReader,
+        reader: LayerReader,
         data: Iterable[Any],
         reducer: Reducer,
         thresholds: Tensor,
@@ -600,7 +331,7 @@ class NetworkDissection:
         try:
             batches = 0
             for item in data:
-                images, masks, _indices = _read_batch(item)
+                images, masks, _indices = read_concept_batch(item)
                 if masks.shape[1] != num_concepts:
                     raise ValueError(
                         f"concept masks have {masks.shape[1]} concepts but {num_concepts} concept names were given"
@@ -643,7 +374,7 @@ class NetworkDissection:
         if thresholds.shape[0] != len(units):
             raise ValueError(f"got {thresholds.shape[0]} thresholds for {len(units)} units")
         with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
-            acts = _LayerReader(model, layer_name, self.stop_at_layer)(images)
+            acts = LayerReader(model, layer_name, self.stop_at_layer)(images)
         bad = [u for u in units if not 0 <= int(u) < acts.shape[1]]
         if bad:
             raise ValueError(f"unit(s) {bad} out of range; layer {layer_name!r} has units 0..{acts.shape[1] - 1}")
@@ -714,7 +445,7 @@ class NetworkDissection:
         See :func:`~lightning_xai.interpretation.compositional.compositional_search`.
         """
         layer_name, _ = resolve_layer(model, self.layer)
-        _check_reiterable(data)
+        check_reiterable(data)
         if units is None:
             units = torch.nonzero(result.detectors).flatten().tolist()
         units = [int(u) for u in units]
@@ -727,11 +458,11 @@ class NetworkDissection:
         thresholds = result.thresholds[index]
 
         with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
-            reader = _LayerReader(model, layer_name, self.stop_at_layer)
+            reader = LayerReader(model, layer_name, self.stop_at_layer)
 
             def batches() -> Iterator[tuple[Tensor, Tensor]]:
                 for item in data:
-                    images, masks, _ = _read_batch(item)
+                    images, masks, _ = read_concept_batch(item)
                     acts = reader(images)[:, index.to(reader.device)]
                     size = tuple(masks.shape[-2:])
                     up = upsample_bilinear(acts.float(), (int(size[0]), int(size[1])))

@@ -10,8 +10,9 @@ chunks of ``batch_size`` samples, and only the reduced features ``[N, D]`` are k
 
 Projections:
 
-* ``"pca"`` - principal component analysis (Pearson, 1901) of the centred features, computed with
-  :func:`torch.pca_lowrank` (randomised SVD, Halko, Martinsson & Tropp, SIAM Review 2011) under a fixed seed.
+* ``"pca"`` - principal component analysis (Pearson, 1901) of the centred features, computed exactly by a
+  singular value decomposition (or, with ``pca_solver="randomized"``, approximately by :func:`torch.pca_lowrank`,
+  the randomised SVD of Halko, Martinsson & Tropp, SIAM Review 2011, under a fixed seed).
   Signs are made deterministic: each principal axis is oriented so that its largest-magnitude loading is
   positive. ``explained_variance_ratio`` holds each axis' share of the total variance.
 * ``"tsne"`` - t-SNE (van der Maaten & Hinton, JMLR 2008) from scikit-learn (an optional dependency, imported
@@ -31,6 +32,8 @@ from torch.utils.data import Dataset
 
 from lightning_xai.attribution.base import check_positive_int, model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.batch import BatchReader
+from lightning_xai.checks import check_choice
 
 __all__ = [
     "Embedding",
@@ -54,8 +57,9 @@ _REDUCTIONS = ("flatten", "mean", "max", "mean_square")
 #: batches in those forms (a ``DataLoader``).
 Data = Tensor | tuple[Tensor, Tensor] | Dataset | Iterable[Any]
 
-_IMAGE_KEYS = ("image", "images", "input", "inputs", "x")
-_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+#: How a dataset item or a batch is read: a tensor is the input, a tuple ``(x, y, ...)``, a dict or an object
+#: with the keys of :mod:`lightning_xai.batch` (``"image"``, ``"inputs"``, ..., ``"label"``, ``"y"``, ...).
+_READER = BatchReader()
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -69,18 +73,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 def _split(item: Any) -> tuple[Tensor, Tensor | None]:
     """``(inputs, labels)`` of one dataset item or one batch: a tensor, ``(x, y, ...)`` or a dict."""
-    if isinstance(item, Tensor):
-        return item, None
-    if isinstance(item, Mapping):
-        x = next((item[k] for k in _IMAGE_KEYS if k in item), None)
-        if x is None:
-            raise ValueError(f"cannot find the input in a dict with keys {sorted(item)}; use one of {_IMAGE_KEYS}")
-        y = next((item[k] for k in _LABEL_KEYS if k in item), None)
-        return torch.as_tensor(x), None if y is None else torch.as_tensor(y)
-    if isinstance(item, Sequence) and not isinstance(item, str) and len(item) > 0:
-        y = item[1] if len(item) > 1 else None
-        return torch.as_tensor(item[0]), None if y is None else torch.as_tensor(y)
-    raise TypeError(f"cannot read an input from a {type(item).__name__}; expected a Tensor, (x, y, ...) or a dict")
+    readable = isinstance(item, (Tensor, Mapping)) or hasattr(item, "__dict__")
+    if isinstance(item, (str, bytes)) or not (readable or (isinstance(item, Sequence) and len(item) > 0)):
+        raise TypeError(f"cannot read an input from a {type(item).__name__}; expected a Tensor, (x, y, ...) or a dict")
+    sample = _READER.read(item)
+    return torch.as_tensor(sample.inputs), sample.labels
 
 
 def iterate_batches(data: Data, batch_size: int = 64) -> Iterator[tuple[Tensor, Tensor | None]]:
@@ -214,11 +211,18 @@ def project_features(
     dim: int = 2,
     seed: int = 0,
     perplexity: float = 30.0,
+    pca_solver: Literal["exact", "randomized"] = "exact",
 ) -> tuple[Tensor, Tensor | None]:
     """Project ``features [N, D]`` to ``[N, dim]``; returns ``(coordinates, explained_variance_ratio | None)``.
 
     PCA returns the scores on the first ``dim`` principal axes (see the module docstring for the sign
     convention) and each axis' share of the total variance; t-SNE returns its embedding and ``None``.
+
+    ``pca_solver="exact"`` (default) takes the axes from a full singular value decomposition of the centred
+    features; ``"randomized"`` uses the randomised low-rank algorithm of Halko, Martinsson & Tropp (SIAM Review
+    2011; ``torch.pca_lowrank`` with ``dim + 10`` columns and 6 power iterations, seeded by ``seed``), which is
+    faster for very wide features but approximate: on a flat spectrum its explained variance can be a few per
+    cent off.
     """
     if not isinstance(features, Tensor) or features.ndim != 2:
         shape = list(features.shape) if isinstance(features, Tensor) else type(features).__name__
@@ -233,10 +237,15 @@ def project_features(
     if method == "pca":
         if dim > min(n, d):
             raise ValueError(f"PCA to {dim} dimensions needs at least {dim} samples and features, got [{n}, {d}]")
-        q = min(dim + 10, n, d)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            _, s, v = torch.pca_lowrank(x, q=q, center=True, niter=6)
+        check_choice("pca_solver", pca_solver, ("exact", "randomized"), owner="project_features")
+        if pca_solver == "exact":
+            _, s, vh = torch.linalg.svd(x - x.mean(dim=0, keepdim=True), full_matrices=False)
+            v = vh.T
+        else:
+            q = min(dim + 10, n, d)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                _, s, v = torch.pca_lowrank(x, q=q, center=True, niter=6)
         v = v[:, :dim]
         v = v * _orient(v)
         centred = x - x.mean(dim=0, keepdim=True)

@@ -15,12 +15,17 @@ them over DDP ranks) gives *exactly* the single-process result. Randomised sketc
 al.'s reference code) or adaptive-range histograms cannot promise that, and an exact top-``m`` buffer grows with
 the probe set.
 
-**Error bound.** A quantile estimate lies in the cell that holds the true order statistic, so
+**Error bound.** A quantile estimate lies in the cell that holds the order statistic ``x_(j)``,
+``j = floor((n - 1) p)``, so
 
 * its *rank* error is at most the count of that cell (plus one for interpolation): :meth:`QuantileSketch.rank_error`
   returns this certified bound, per unit, as a fraction of the values seen;
-* its *value* error is at most the cell's width, a relative ``2 ** -k`` of the value (``k = resolution_bits``
-  unless the unit spans too many powers of two for ``bins`` cells; :meth:`QuantileSketch.cell_width` reports it).
+* its distance to ``x_(j)`` is at most the cell's width, a relative ``2 ** -k`` of the value (``k =
+  resolution_bits`` unless the unit spans too many powers of two for ``bins`` cells; :meth:`QuantileSketch.cell_width`
+  reports it). This is **not** a bound on the distance to the interpolated quantile of :func:`torch.quantile`
+  (``x_(j) + f (x_(j+1) - x_(j))`` for a fractional position): when ``x_(j+1)`` lies in another cell, that value
+  can be further away, by up to the gap between the two order statistics. For dissection's thresholds the rank
+  bound is the one that matters (how many activations lie between the estimate and the true threshold).
 
 Magnitudes below ``2 ** floor_exponent`` (default ``2 ** -24``, about ``6e-8``) form a *zero class*, kept apart
 from the positive values of its cell, so that a quantile falling on the exact zeros of a ReLU is exactly 0.
@@ -318,8 +323,10 @@ class QuantileSketch:
         return (count + 1).double() / self.total.double()
 
     def cell_width(self, p: float) -> Tensor:
-        """Width of the cell holding the ``p``-quantile: a bound on the value error of :meth:`quantile`
-        (0 for the zero class, whose values all lie within ``2 ** floor_exponent`` of zero)."""
+        """Width of the cell holding the order statistic ``x_(j)``, ``j = floor((n - 1) p)``: a bound on the
+        distance between :meth:`quantile` and ``x_(j)`` (0 for the zero class, whose values all lie within
+        ``2 ** floor_exponent`` of zero). Not a bound on the distance to an interpolated quantile whose next order
+        statistic lies in another cell (see the module docstring)."""
         low, high, _inside, _count = self._bracket(p)
         return (high - low).abs()
 

@@ -437,6 +437,16 @@ class RelevantUnitAnalysis:
         check_positive_int("num_classes", num_classes)
         if int(labels.max()) >= num_classes:
             raise ValueError(f"label {int(labels.max())} is out of range for num_classes={num_classes}")
+        present = torch.unique(labels).tolist()
+        if len(present) < 2:
+            raise ValueError(
+                f"RelevantUnitAnalysis: the data holds only class {present} ({labels.shape[0]} samples); relevant "
+                "units separate classes, so the fit needs samples of at least two classes (with one class the "
+                "centred one-hot target is zero and every weight would be zero)"
+            )
+        if not bool(torch.isfinite(features).all()):
+            bad = (~torch.isfinite(features).all(dim=1)).nonzero().flatten().tolist()[:10]
+            raise ValueError(f"RelevantUnitAnalysis: unit features contain NaN or inf values (samples {bad})")
         scale = features.amax(dim=0).float()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         x = features.float() / scale

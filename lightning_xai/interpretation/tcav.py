@@ -136,6 +136,13 @@ def welch_t_test(a: Sequence[float] | Tensor, b: Sequence[float] | Tensor) -> tu
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _check_inputs(inputs: Tensor) -> None:
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.ndim < 2:
+        raise ValueError(f"TCAV: inputs must be a float batch [B, ...], got {getattr(inputs, 'shape', inputs)}")
+    if inputs.shape[0] == 0:
+        raise ValueError("TCAV: inputs is an empty batch; TCAV scores need inputs of the explained classes")
+
+
 def _split(n: int, test_fraction: float, g: torch.Generator) -> tuple[Tensor, Tensor]:
     perm = torch.randperm(n, generator=g)
     n_test = 0 if test_fraction == 0 else max(1, min(n - 1, round(n * test_fraction)))
@@ -254,6 +261,8 @@ def directional_derivatives(
     """
     if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.ndim < 2:
         raise ValueError(f"inputs must be a float batch [B, ...], got {getattr(inputs, 'shape', inputs)}")
+    if inputs.shape[0] == 0:
+        raise ValueError("directional_derivatives: inputs is an empty batch; there is nothing to differentiate")
     if directions.ndim != 2:
         raise ValueError(f"directions must be [M, D], got {list(directions.shape)}")
     if not callable(target):
@@ -481,6 +490,8 @@ class TCAV:
         """The layer's flattened activations ``[N, D]`` of ``examples`` (eval mode, no_grad, CPU float32)."""
         if not isinstance(examples, Tensor) or not examples.is_floating_point() or examples.ndim < 2:
             raise ValueError(f"examples must be a float batch [N, ...], got {getattr(examples, 'shape', examples)}")
+        if examples.shape[0] == 0:
+            raise ValueError("TCAV: got an empty set of examples; every concept and random set needs examples")
         feats, _ = layer_features(model, self.layer, examples, reduce="flatten", batch_size=self.batch_size)
         return feats
 
@@ -530,6 +541,11 @@ class TCAV:
         if not isinstance(concepts, Mapping) or not concepts:
             raise ValueError("concepts must be a non-empty mapping {name: example tensor [n, ...]}")
         layer, _ = resolve_layer(model, self.layer)
+        for name, x in concepts.items():
+            if isinstance(x, Tensor) and x.ndim >= 1 and x.shape[0] == 0:
+                raise ValueError(f"TCAV: concept {name!r} has no examples; give each concept at least 2")
+        if isinstance(random_examples, Tensor) and random_examples.ndim >= 1 and random_examples.shape[0] == 0:
+            raise ValueError("TCAV: random_examples is empty; the random counterparts need at least 2 examples")
         concept_acts = {str(name): self.activations(model, x) for name, x in concepts.items()}
         if isinstance(random_examples, Tensor):
             pool = self.activations(model, random_examples)
@@ -544,6 +560,7 @@ class TCAV:
     ) -> tuple[Tensor, Tensor]:
         """``(positive [len(classes), M], totals [len(classes)])``: for each class of ``classes``, how many of
         its inputs (those whose target is that class) have a positive sensitivity along each CAV of ``bank``."""
+        _check_inputs(inputs)
         targets = torch.as_tensor(targets).long().reshape(-1)
         if targets.numel() == 1:
             targets = targets.expand(inputs.shape[0])
@@ -577,6 +594,7 @@ class TCAV:
         ``classes`` restricts the classes reported (default: every class in ``targets``)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_inputs(inputs)
         bank = self.fit_cavs(model, concepts, random_examples)
         target_tensor = torch.as_tensor(targets).long().reshape(-1)
         if classes is None:
