@@ -194,3 +194,26 @@ def test_callback_needs_a_layer_or_an_atlas():
         AtlasCallback()
     with pytest.raises(ValueError, match="unknown method 'tnse'"):
         AtlasCallback(layer="features", method="tnse")
+
+
+def test_shipped_config_fast_dev_run(tmp_path):
+    """examples/configs/activation_atlas.yaml trains (fast_dev_run, tiny data) and draws both atlases."""
+    import os
+
+    from lightning_xai.callbacks import ActivationAtlas as AtlasCallback
+    from lightning_xai.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cli = main([
+        "fit", "--config", os.path.join(root, "examples", "configs", "activation_atlas.yaml"),
+        "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.n_train=32", "--data.init_args.n_val=6", "--data.init_args.n_test=8",
+        "--data.init_args.image_size=32", "--data.init_args.batch_size=16",
+    ])
+    atlases = [c for c in cli.trainer.callbacks if isinstance(c, AtlasCallback)]
+    assert len(atlases) == 2
+    for callback in atlases:
+        assert not callback.errors, callback.errors
+        assert len(callback.history) == 1 and callback.last_result is not None
+    assert atlases[1].last_result.class_attribution is not None
+    assert len(list(tmp_path.rglob("*activation_atlas*.png"))) == 2
