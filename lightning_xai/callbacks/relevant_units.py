@@ -205,9 +205,9 @@ class RelevantUnits(XAICallback):
 
         report = None
         if self.ablation:
-            keep = finite[:n]
+            keep = finite[:n].to(probe.inputs.device)
             counts = self.run_agreed(lambda: self._ablation_counts(model, result, probe.inputs[:n][keep],
-                                                                   labels[:n][keep.to(labels.device)], num_classes))
+                                                                   labels[:n].to(keep.device)[keep], num_classes))
             counts = self.sum_over_ranks(counts.to(device)).cpu()
             per_class = torch.tensor(
                 [sum(len(v) for v in result.units_by_layer(c).values()) for c in range(num_classes)]
