@@ -1,15 +1,21 @@
-"""Attribution cost, as ratios to one forward + input-gradient pass measured in the same run.
+"""Attribution cost, as CPU-time ratios to one forward + input-gradient pass measured right next to each method.
 
     python benchmarks/attribution.py                 # resnet18 (random weights), batch 8 of 3x64x64, CPU
-    python benchmarks/attribution.py --quick         # fewer repeats
+    python benchmarks/attribution.py --quick         # smoke run: batch 2 of 3x64x64, 2 repetitions
     python benchmarks/attribution.py --memory        # also the peak extra memory per method (a subprocess each)
     python benchmarks/attribution.py --peers         # also Captum / Zennit / pytorch-grad-cam if installed
 
-Columns: median wall time; ``ratio`` = time / (one forward + input-gradient pass); ``per unit`` = ratio divided
-by the method's number of model evaluations (IG steps, SmoothGrad samples, Score-CAM channels, occlusion
-windows, RISE masks), where the unit is a forward + backward (gradient methods) or a forward pass (perturbation
-methods, compared with a plain forward of the batch); ``target`` is the goal from the issues. Machines are
-noisy: quote ratios from one run.
+**Interleaved measurement.** Each repetition runs the reference passes (a forward + input-gradient pass and a
+plain forward of the same batch) immediately before the method, and the method's ratio is taken against that
+repetition's own reference. The cost is CPU time of the process (``time.process_time``, all threads), which a busy
+shared machine disturbs much less than wall time; each row reports the median ratio over the repetitions and its
+spread (min - max), so a noisy row is visible as such.
+
+Columns: median CPU time of the method; ``ratio`` = method / (forward + input-gradient) CPU time, median and
+``min-max``; ``per unit`` = ratio divided by the method's number of model evaluations (IG steps, SmoothGrad
+samples, Score-CAM channels, occlusion windows, RISE masks), where the unit is a forward + backward (gradient
+methods) or a forward pass (perturbation methods, against the plain forward); ``target`` is the goal from the
+issues (on the median per-unit ratio).
 """
 
 from __future__ import annotations
@@ -56,7 +62,12 @@ def cases(channels: int, windows: int, pd_windows: int, patterns: str) -> list[C
             units=32,
             target=1.05,
         ),
-        Case("SmoothGrad (16 samples)", {"name": "smoothgrad", "samples": 16, "batch_size": 64}, units=16, target=1.05),
+        Case(
+            "SmoothGrad (16 samples)",
+            {"name": "smoothgrad", "num_samples": 16, "batch_size": 64},
+            units=16,
+            target=1.05,
+        ),
         Case("CAM", {"name": "cam"}, unit="fwd", target=None),
         Case("GradCAM", {"name": "gradcam", "layer": "layer4"}, target=0.7),
         Case("GradCAM++", {"name": "gradcam_plus_plus", "layer": "layer4"}, target=0.7),
@@ -84,12 +95,16 @@ def cases(channels: int, windows: int, pd_windows: int, patterns: str) -> list[C
             target=1.05,
         ),
         Case(
-            "RISE (256 masks)", {"name": "rise", "n_masks": 256, "batch_size": 64}, unit="fwd", units=256, target=1.05
+            "RISE (256 masks)",
+            {"name": "rise", "num_samples": 256, "batch_size": 64},
+            unit="fwd",
+            units=256,
+            target=1.05,
         ),
-        Case("LIME (256 samples)", {"name": "lime", "n_samples": 256, "batch_size": 64}, unit="fwd", units=256),
+        Case("LIME (256 samples)", {"name": "lime", "num_samples": 256, "batch_size": 64}, unit="fwd", units=256),
         Case(
             "KernelSHAP (256 samples)",
-            {"name": "kernel_shap", "n_samples": 256, "batch_size": 64},
+            {"name": "kernel_shap", "num_samples": 256, "batch_size": 64},
             unit="fwd",
             units=256,
         ),
@@ -99,23 +114,51 @@ def cases(channels: int, windows: int, pd_windows: int, patterns: str) -> list[C
             units=50,
         ),
         Case(
-            f"PredDifference ({pd_windows} win x 4 smp)",
-            {"name": "prediction_difference", "window": 8, "n_samples": 4, "batch_size": 64},
+            f"PredDifference cond. ({pd_windows} win x 4 smp)",
+            {"name": "prediction_difference", "window": 8, "num_samples": 4, "batch_size": 64, "reference": 32},
+            unit="fwd",
+            units=1 + pd_windows * 4,
+        ),
+        Case(
+            f"PredDifference marg. ({pd_windows} win x 4 smp)",
+            {"name": "prediction_difference", "window": 8, "num_samples": 4, "batch_size": 64, "sampling": "marginal"},
             unit="fwd",
             units=1 + pd_windows * 4,
         ),
     ]
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def cpu_time(fn: Callable[[], object]) -> float:
+    """CPU seconds of this process (every thread) spent in ``fn()``."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def make_attributor(spec: dict, size: int):
+    """The attributor of a benchmark case; ``"reference": N`` stands for N random reference images (JSON-able)."""
+    spec = dict(spec)
+    if isinstance(spec.get("reference"), int):
+        spec["reference"] = torch.rand(spec["reference"], 3, size, size, generator=torch.Generator().manual_seed(1))
+    return build_attributor(spec)
+
+
+def interleaved(
+    method: Callable[[], object], fwd_bwd: Callable[[], object], fwd: Callable[[], object], repeats: int
+) -> dict[str, list[float]]:
+    """CPU times of ``repeats`` repetitions of (reference forward + backward, reference forward, method), after one
+    warm-up of each; the method's ratios are taken against the references of its own repetition."""
+    fwd_bwd(), fwd(), method()
+    out: dict[str, list[float]] = {"method": [], "fwd_bwd": [], "fwd": []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        out["fwd_bwd"].append(cpu_time(fwd_bwd))
+        out["fwd"].append(cpu_time(fwd))
+        out["method"].append(cpu_time(method))
+    return out
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def build_setup(batch: int, size: int, seed: int = 0):
@@ -126,17 +169,19 @@ def build_setup(batch: int, size: int, seed: int = 0):
     return model, x, target
 
 
-def reference_passes(model, x, target, repeats: int) -> tuple[float, float]:
-    def fwd_bwd():
+def reference_passes(model, x, target) -> tuple[Callable[[], None], Callable[[], None]]:
+    """The two reference computations: forward + input-gradient, and a plain forward (no autograd)."""
+
+    def fwd_bwd() -> None:
         xi = x.clone().requires_grad_(True)
         out = model(xi)
         torch.autograd.grad(out.gather(1, target.view(-1, 1)).sum(), xi)
 
-    def fwd():
+    def fwd() -> None:
         with torch.no_grad():
             model(x)
 
-    return median_time(fwd_bwd, repeats), median_time(fwd, repeats)
+    return fwd_bwd, fwd
 
 
 def _resident_bytes() -> int:
@@ -153,9 +198,9 @@ def measure_extra_memory(spec_json: str, batch: int, size: int, threads: int) ->
     model, x, target = build_setup(batch, size)
     spec = json.loads(spec_json)
     if spec is None:
-        run = lambda: reference_passes(model, x, target, 1)  # noqa: E731
+        run = reference_passes(model, x, target)[0]
     else:
-        attributor = build_attributor(spec)
+        attributor = make_attributor(spec, size)
         run = lambda: attributor(model, x, target)  # noqa: E731
     base = _resident_bytes()
     peak, done = [base], threading.Event()
@@ -193,13 +238,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="2 repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke run: batch 2 of 3x64x64, 2 repetitions")
     parser.add_argument("--memory", action="store_true", help="peak extra memory per method (a subprocess each)")
     parser.add_argument("--peers", action="store_true", help="time Captum / Zennit / pytorch-grad-cam if installed")
     parser.add_argument("--only", nargs="*", default=None, help="registry names to run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     args = parser.parse_args(argv)
-    repeats = 2 if args.quick else args.repeats
+    if args.quick:
+        args.batch, args.size, args.repeats = 2, 64, 2
+    repeats = args.repeats
     threads = args.threads or max(1, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     model, x, target = build_setup(args.batch, args.size)
@@ -210,20 +257,25 @@ def main(argv: list[str] | None = None) -> None:
     patterns_dir = tempfile.TemporaryDirectory(prefix="lxai-patterns-")  # removed at exit, also after an error
     patterns = os.path.join(patterns_dir.name, "resnet18.pt")
     fit_patterns(model, [x]).save(patterns)  # the patterns of the benchmark batch itself (a cost-only set-up)
-    t_fb, t_f = reference_passes(model, x, target, repeats)
+    fwd_bwd, fwd = reference_passes(model, x, target)
+    reference = interleaved(fwd, fwd_bwd, fwd, repeats)
+    t_fb, t_f = statistics.median(reference["fwd_bwd"]), statistics.median(reference["fwd"])
     print(
         f"resnet18 (random weights), batch {args.batch} of 3x{args.size}x{args.size}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}; layer4 is {channels}x{feature}x{feature}"
+        f"threads, torch {torch.__version__}; layer4 is {channels}x{feature}x{feature}; {repeats} repetitions"
     )
     print(
-        f"reference: forward + input-gradient {t_fb * 1e3:.1f} ms, forward {t_f * 1e3:.1f} ms "
+        f"reference (CPU time): forward + input-gradient {t_fb * 1e3:.1f} ms, forward {t_f * 1e3:.1f} ms "
         f"(forward/fwd+bwd = {t_f / t_fb:.2f})"
     )
     if args.memory:
         reference_mb = peak_extra_mb(None, args.batch, args.size, threads)
         print(f"peak extra memory of the reference pass: {reference_mb:.0f} MB (mem x = method / reference)")
     print()
-    header = f"| {'method':34s} | {'time ms':>9s} | {'ratio':>7s} | {'per unit':>8s} | {'target':>6s} | {'ok':3s} |"
+    header = (
+        f"| {'method':40s} | {'cpu ms':>9s} | {'ratio':>7s} | {'min-max':>13s} | {'per unit':>8s} | "
+        f"{'min-max':>11s} | {'target':>6s} | {'ok':3s} |"
+    )
     if args.memory:
         header += " extra MB | mem x |"
     print(header)
@@ -231,14 +283,19 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases(channels, windows, pd_windows, patterns):
         if case.spec["name"] not in ATTRIBUTORS or (args.only and case.spec["name"] not in args.only):
             continue
-        attributor = build_attributor(dict(case.spec))
-        t = median_time(lambda a=attributor: a(model, x, target), repeats)
-        ratio = t / t_fb
-        unit_cost = t_fb if case.unit == "fwd_bwd" else t_f
-        per_unit = t / (unit_cost * case.units)
-        ok = "" if case.target is None else ("yes" if per_unit <= case.target else "NO")
+        attributor = make_attributor(case.spec, args.size)
+        times = interleaved(lambda a=attributor: a(model, x, target), fwd_bwd, fwd, repeats)
+        ratios = [m / r for m, r in zip(times["method"], times["fwd_bwd"])]
+        unit_refs = times["fwd_bwd"] if case.unit == "fwd_bwd" else times["fwd"]
+        per_unit = [m / (r * case.units) for m, r in zip(times["method"], unit_refs)]
+        t = statistics.median(times["method"])
+        median_unit = statistics.median(per_unit)
+        ok = "" if case.target is None else ("yes" if median_unit <= case.target else "NO")
         tgt = "" if case.target is None else f"{case.target:.2f}"
-        row = f"| {case.label:34s} | {t * 1e3:9.1f} | {ratio:7.2f} | {per_unit:8.3f} | {tgt:>6s} | {ok:3s} |"
+        row = (
+            f"| {case.label:40s} | {t * 1e3:9.1f} | {statistics.median(ratios):7.2f} | {spread(ratios):>13s} | "
+            f"{median_unit:8.3f} | {spread(per_unit):>11s} | {tgt:>6s} | {ok:3s} |"
+        )
         if args.memory:
             extra = peak_extra_mb(case.spec, args.batch, args.size, threads)
             row += f" {extra:8.0f} | {extra / reference_mb:5.1f} |"
