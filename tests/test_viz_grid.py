@@ -253,3 +253,24 @@ def test_render_rejects_bad_input():
         render_explanations(images, maps, scale=0.5)
     with pytest.raises(ValueError, match="percentile"):
         ScaleTracker(percentile=0)
+
+
+def test_tile_images_and_upscale_nearest():
+    from lightning_xai.viz.render import tile_images, upscale_nearest
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 4, 6, 3), dtype=np.uint8)
+    grid = tile_images(images, columns=2, pad=1)
+    assert grid.shape == (3 * 5 + 1, 2 * 7 + 1, 3)
+    np.testing.assert_array_equal(grid[1:5, 1:7], images[0])
+    np.testing.assert_array_equal(grid[11:15, 1:7], images[4])  # row 2, column 0
+    assert (grid[11:15, 8:14] == 255).all(), "the empty slot stays white"
+    assert tile_images(images).shape == (4 + 4, 5 * 8 + 2, 3)  # one row by default
+    big = upscale_nearest(images[0], minimum=12)
+    assert big.shape == (12, 18, 3)  # factor 3 = ceil(12 / 4)
+    np.testing.assert_array_equal(big[::3, ::3], images[0])
+    assert upscale_nearest(images[0], minimum=2).shape == images[0].shape
+    with pytest.raises(ValueError, match="uint8"):
+        tile_images(images.astype(np.float32))
+    with pytest.raises(ValueError, match="minimum"):
+        upscale_nearest(images[0], minimum=0)
