@@ -13,6 +13,7 @@ from lightning_xai.attribution.base import (
     Attributor,
     Target,
     model_state_guard,
+    unwrap_compiled,
     validate_image_batch,
     validate_target,
 )
@@ -97,6 +98,7 @@ class _SegmentSurrogate(Attributor):
         validate_image_batch(inputs, type(self).__name__)
         if not callable(target):
             validate_target(target, inputs.shape[0], None)
+        model = unwrap_compiled(model)
         with model_state_guard(model), torch.no_grad():
             return self._explain(model, inputs.detach(), target)
 
