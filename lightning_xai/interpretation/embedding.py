@@ -30,10 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lightning_xai.attribution.base import check_positive_int, model_state_guard
+from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.batch import BatchReader
-from lightning_xai.checks import check_choice
+from lightning_xai.checks import check_choice, check_int
 
 __all__ = [
     "Embedding",
@@ -87,7 +87,7 @@ def iterate_batches(data: Data, batch_size: int = 64) -> Iterator[tuple[Tensor, 
     with the same first dimension, a map-style ``Dataset`` (read ``batch_size`` items at a time and stacked), or
     any other iterable of batches (e.g. a ``DataLoader``, whose own batch size is kept).
     """
-    check_positive_int("batch_size", batch_size)
+    check_int("batch_size", batch_size, minimum=1, owner="iterate_batches")
     if isinstance(data, Tensor):
         if data.ndim < 1:
             raise ValueError("input data needs a batch dimension, got a 0-d tensor")
@@ -168,7 +168,7 @@ def layer_features(
     ``max_samples`` stops after that many samples.
     """
     if max_samples is not None:
-        check_positive_int("max_samples", max_samples)
+        check_int("max_samples", max_samples, minimum=1, owner="layer_features")
     if not callable(reduce) and reduce not in _REDUCTIONS:
         raise ValueError(f"unknown reduce {reduce!r}; valid values: {list(_REDUCTIONS)} or a callable")
     device = model_device(model)
@@ -227,7 +227,7 @@ def project_features(
     if not isinstance(features, Tensor) or features.ndim != 2:
         shape = list(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"features must be a [N, D] tensor, got {shape}")
-    check_positive_int("dim", dim)
+    check_int("dim", dim, minimum=1, owner="project_features")
     if method not in ("pca", "tsne"):
         raise ValueError(f"unknown projection method {method!r}; valid values: ['pca', 'tsne']")
     n, d = features.shape

@@ -34,16 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import check_positive_int, model_state_guard
+from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.checks import check_int
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device, reduce_activation
+from lightning_xai.interpretation.lasso import constrained_lasso, project_l1_ball
 from lightning_xai.interpretation.receptive_field import ReceptiveField, crop_receptive_fields, receptive_field
 from lightning_xai.interpretation.visualization import TopKBuffer
 
@@ -64,128 +66,6 @@ __all__ = [
 ]
 
 Unit = tuple[str, int]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the optimisation
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def project_l1_ball(v: Tensor, radius: float) -> Tensor:
-    """Euclidean projection of each column of ``v`` onto the l1 ball ``{w : ||w||_1 <= radius}``.
-
-    ``v`` is a vector ``[n]`` or a matrix ``[n, C]`` (columns projected independently). The sort-based algorithm
-    of Duchi et al. (ICML 2008, Fig. 1), ``O(n log n)``: columns already inside the ball are returned unchanged;
-    otherwise ``w = sign(v) * max(|v| - theta, 0)`` with the threshold ``theta`` that puts ``w`` on the sphere.
-    """
-    if not isinstance(radius, (int, float)) or isinstance(radius, bool) or not math.isfinite(radius) or radius < 0:
-        raise ValueError(f"radius must be a finite number >= 0, got {radius!r}")
-    if not isinstance(v, Tensor) or v.ndim not in (1, 2) or not v.is_floating_point():
-        raise ValueError(f"v must be a float vector [n] or matrix [n, C], got {getattr(v, 'shape', type(v))}")
-    vector = v.ndim == 1
-    mat = v[:, None] if vector else v
-    n = mat.shape[0]
-    mags = mat.abs()
-    if radius == 0:
-        out = torch.zeros_like(mat)
-    else:
-        u, _ = mags.sort(dim=0, descending=True)
-        css = u.cumsum(dim=0) - radius
-        j = torch.arange(1, n + 1, dtype=mat.dtype, device=mat.device)[:, None]
-        positive = (u - css / j) > 0  # true for j = 1..rho (a prefix)
-        rho = positive.sum(dim=0).clamp_min(1)  # [C]
-        theta = css.gather(0, (rho - 1)[None]).squeeze(0) / rho.to(mat.dtype)
-        out = torch.sign(mat) * (mags - theta.clamp_min(0)[None]).clamp_min(0)
-        inside = mags.sum(dim=0) <= radius
-        out = torch.where(inside[None], mat, out)
-    return out[:, 0] if vector else out
-
-
-def constrained_lasso(
-    features: Tensor, targets: Tensor, mu: float, *, max_iter: int = 2000, tol: float = 1e-7
-) -> tuple[Tensor, int]:
-    """``argmin_W ||features @ W - targets||_F^2`` s.t. every column of ``W`` has l1 norm ``<= mu``.
-
-    ``features [N, m]``, ``targets [N, C]``; returns ``(W [m, C], iterations)``. FISTA with the l1-ball projection
-    (see the module docstring), computed in float64, stopping when the relative change of ``W`` falls below
-    ``tol``.
-    """
-    if features.ndim != 2 or targets.ndim != 2 or features.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"features must be [N, m] and targets [N, C] with the same N, got {list(features.shape)} and "
-            f"{list(targets.shape)}"
-        )
-    if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not math.isfinite(mu) or mu <= 0:
-        raise ValueError(f"mu (the l1 budget per class) must be a finite number > 0, got {mu!r}")
-    check_positive_int("max_iter", max_iter)
-    x = features.detach().double()
-    y = targets.detach().double().to(x.device)
-    gram = x.T @ x
-    xty = x.T @ y
-    lipschitz = 2.0 * float(torch.linalg.matrix_norm(x, ord=2)) ** 2
-    w = torch.zeros(x.shape[1], y.shape[1], dtype=x.dtype, device=x.device)
-    if lipschitz == 0.0:
-        return w.float(), 0
-    step = 1.0 / lipschitz
-    z, t = w.clone(), 1.0
-    iteration = 0
-    for iteration in range(1, max_iter + 1):  # noqa: B007 - reported
-        grad = 2.0 * (gram @ z - xty)
-        w_next = project_l1_ball(z - step * grad, float(mu))
-        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        z = w_next + ((t - 1.0) / t_next) * (w_next - w)
-        change = float((w_next - w).norm()) / max(float(w_next.norm()), 1e-12)
-        w, t = w_next, t_next
-        if change < tol:
-            break
-    return w.float(), iteration
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# receptive fields
-# ---------------------------------------------------------------------------------------------------------------
-
-
-# :class:`ReceptiveField`, :func:`receptive_field` and :func:`crop_receptive_fields` live in
-# :mod:`lightning_xai.interpretation.receptive_field` (exact, from the layer geometry) and are re-exported here.
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ablation hooks
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def ablate_units(model: nn.Module, units: Mapping[str, Sequence[int] | Tensor]) -> Iterator[None]:
-    """Zero the given channels (dim 1) of each named layer's output while the context is open.
-
-    The hooks return a modified copy (never an in-place change of the layer's output) and are removed on exit,
-    also on error.
-    """
-    handles = []
-    try:
-        for layer, channels in units.items():
-            name, module = resolve_layer(model, layer)
-            idx = torch.as_tensor(list(channels) if not isinstance(channels, Tensor) else channels).long()
-            if idx.numel() == 0:
-                continue
-
-            def hook(_m: nn.Module, _i: tuple, output: Tensor, idx: Tensor = idx, name: str = name) -> Tensor:
-                if not isinstance(output, Tensor) or output.ndim < 2:
-                    raise TypeError(f"layer {name!r} must output a tensor [B, C, ...] to ablate its units")
-                if int(idx.max()) >= output.shape[1]:
-                    raise ValueError(
-                        f"unit {int(idx.max())} is out of range for layer {name!r} with {output.shape[1]} units"
-                    )
-                out = output.clone()
-                out[:, idx.to(out.device)] = 0
-                return out
-
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +155,7 @@ class RelevantUnitsResult:
         and weighted by its contribution; the heatmap is their sum. Units of layers without spatial maps add a
         constant (their contribution) everywhere.
         """
-        check_positive_int("top_k", top_k)
+        check_int("top_k", top_k, minimum=1, owner="RelevantUnitsResult")
         if not isinstance(inputs, Tensor) or inputs.ndim != 4:
             raise ValueError(f"inputs must be an image batch [B, C, H, W], got {getattr(inputs, 'shape', inputs)}")
         device = model_device(model)
@@ -365,9 +245,9 @@ class RelevantUnitAnalysis:
             raise ValueError(f"tol must be a number >= 0, got {tol!r}")
         self.layers = layers
         self.mu = float(mu)
-        self.max_iter = check_positive_int("max_iter", max_iter)
+        self.max_iter = check_int("max_iter", max_iter, minimum=1, owner="RelevantUnitAnalysis")
         self.tol = float(tol)
-        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner="RelevantUnitAnalysis")
         self.center = bool(center)
 
     def __repr__(self) -> str:
@@ -389,7 +269,7 @@ class RelevantUnitAnalysis:
         ``(layer, channel)`` of each column; one pass over ``data`` in eval mode under ``no_grad``."""
         names = self.layer_names(model)
         if max_samples is not None:
-            check_positive_int("max_samples", max_samples)
+            check_int("max_samples", max_samples, minimum=1, owner="RelevantUnitAnalysis")
         device = model_device(model)
         feats: list[Tensor] = []
         labels: list[Tensor] = []
@@ -434,7 +314,7 @@ class RelevantUnitAnalysis:
             raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
         if num_classes is None:
             num_classes = int(labels.max()) + 1
-        check_positive_int("num_classes", num_classes)
+        check_int("num_classes", num_classes, minimum=1, owner="RelevantUnitAnalysis")
         if int(labels.max()) >= num_classes:
             raise ValueError(f"label {int(labels.max())} is out of range for num_classes={num_classes}")
         present = torch.unique(labels).tolist()
@@ -505,7 +385,7 @@ def unit_visuals(
     each unit's top-k images (:class:`~lightning_xai.interpretation.visualization.TopKBuffer`), then the crops of
     the receptive field (measured with :func:`receptive_field` unless given in ``fields``) around each image's
     strongest response, and the average crop."""
-    check_positive_int("k", k)
+    check_int("k", k, minimum=1, owner="unit_visuals")
     units = [(resolve_layer(model, layer)[0], int(ch)) for layer, ch in units]
     if not units:
         return []
@@ -563,134 +443,5 @@ def unit_visuals(
     return visuals
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# ablation
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AblationReport:
-    """Per-class accuracy with the class's relevant units zeroed, against as many random units zeroed."""
-
-    #: ``[C]`` number of samples of each class.
-    totals: Tensor
-    #: ``[C]`` correct predictions without ablation.
-    base_correct: Tensor
-    #: ``[C]`` correct predictions with the class's relevant units ablated.
-    relevant_correct: Tensor
-    #: ``[C, R]`` correct predictions with each of ``R`` random unit sets ablated.
-    random_correct: Tensor
-    #: ``[C]`` number of units ablated per class.
-    num_ablated: Tensor
-
-    def _rate(self, correct: Tensor) -> Tensor:
-        return correct.double() / self.totals.double().clamp_min(1)
-
-    @property
-    def base_accuracy(self) -> Tensor:
-        return self._rate(self.base_correct)
-
-    @property
-    def relevant_accuracy(self) -> Tensor:
-        return self._rate(self.relevant_correct)
-
-    @property
-    def random_accuracy(self) -> Tensor:
-        """``[C]`` mean over the random draws."""
-        return self._rate(self.random_correct.double().mean(dim=1))
-
-    @property
-    def relevant_drop(self) -> Tensor:
-        return self.base_accuracy - self.relevant_accuracy
-
-    @property
-    def random_drop(self) -> Tensor:
-        return self.base_accuracy - self.random_accuracy
-
-    def rows(self) -> list[list[float | int]]:
-        """``[class, samples, units, base acc, relevant-ablated acc, random-ablated acc, relevant drop, random
-        drop]`` for every class with samples."""
-        out = []
-        for c in range(self.totals.shape[0]):
-            if int(self.totals[c]) == 0:
-                continue
-            out.append(
-                [
-                    c,
-                    int(self.totals[c]),
-                    int(self.num_ablated[c]),
-                    float(self.base_accuracy[c]),
-                    float(self.relevant_accuracy[c]),
-                    float(self.random_accuracy[c]),
-                    float(self.relevant_drop[c]),
-                    float(self.random_drop[c]),
-                ]
-            )
-        return out
-
-
-def _random_units(
-    result: RelevantUnitsResult, cls: int, relevant: dict[str, list[int]], draw: int, seed: int
-) -> dict[str, list[int]]:
-    """As many units per layer as ``relevant`` has, drawn (seeded by class and draw) among that layer's other
-    units."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + cls * 1009 + draw)
-    per_layer: dict[str, list[int]] = {}
-    for layer, ch in result.units:
-        per_layer.setdefault(layer, []).append(ch)
-    chosen: dict[str, list[int]] = {}
-    for layer, channels in relevant.items():
-        others = [ch for ch in per_layer.get(layer, []) if ch not in set(channels)]
-        perm = torch.randperm(len(others), generator=g).tolist()
-        chosen[layer] = [others[i] for i in perm[: len(channels)]]
-    return chosen
-
-
-def unit_ablation(
-    model: nn.Module,
-    result: RelevantUnitsResult,
-    data: Data,
-    *,
-    num_random: int = 3,
-    seed: int = 0,
-    batch_size: int = 64,
-    positive_only: bool = True,
-) -> AblationReport:
-    """Zero each class's relevant units and measure that class's accuracy, against ``num_random`` draws of as
-    many random units of the same layers (chosen among the units that are not relevant to the class).
-
-    ``positive_only`` (default) ablates the units with a positive weight, whose response supports the class.
-    Each sample is evaluated ``2 + num_random`` times (plain, relevant-ablated, random-ablated), in chunks of
-    ``batch_size``; the random draws depend only on ``seed`` and the class, not on the data order. Counts are
-    returned (summable across data shards).
-    """
-    check_positive_int("num_random", num_random)
-    check_positive_int("batch_size", batch_size)
-    num_classes = result.num_classes
-    relevant = [result.units_by_layer(c, positive_only=positive_only) for c in range(num_classes)]
-    randoms = [[_random_units(result, c, relevant[c], r, seed) for r in range(num_random)] for c in range(num_classes)]
-    totals = torch.zeros(num_classes, dtype=torch.long)
-    base = torch.zeros(num_classes, dtype=torch.long)
-    rel = torch.zeros(num_classes, dtype=torch.long)
-    rnd = torch.zeros(num_classes, num_random, dtype=torch.long)
-    device = model_device(model)
-    with model_state_guard(model), torch.no_grad():
-        for x, y in iterate_batches(data, batch_size):
-            if y is None:
-                raise ValueError("unit ablation needs class labels: pass data that yields (inputs, labels)")
-            x, y = x.to(device), y.reshape(-1).long().to(device)
-            if int(y.max()) >= num_classes or int(y.min()) < 0:
-                raise ValueError(f"labels must be in 0..{num_classes - 1}, got {y.unique().tolist()}")
-            pred = model(x).argmax(dim=1)
-            for c in y.unique().tolist():
-                sel = y == c
-                xc = x[sel]
-                totals[c] += int(sel.sum())
-                base[c] += int((pred[sel] == c).sum())
-                with ablate_units(model, relevant[c]):
-                    rel[c] += int((model(xc).argmax(dim=1) == c).sum())
-                for r, spec in enumerate(randoms[c]):
-                    with ablate_units(model, spec):
-                        rnd[c, r] += int((model(xc).argmax(dim=1) == c).sum())
-    counts = torch.tensor([sum(len(v) for v in relevant[c].values()) for c in range(num_classes)])
-    return AblationReport(totals, base, rel, rnd, counts)
+# The constrained lasso and unit ablation live in their own modules; re-exported here, their historical path.
+from lightning_xai.interpretation.unit_ablation import AblationReport, ablate_units, unit_ablation  # noqa: E402

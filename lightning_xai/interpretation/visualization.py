@@ -19,7 +19,6 @@ Both leave the model as they found it (modes, ``requires_grad``, ``.grad``, para
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import (
     Target,
-    check_positive_int,
     gradient_context,
     model_state_guard,
     select_scores,
@@ -36,6 +34,7 @@ from lightning_xai.attribution.base import (
 )
 from lightning_xai.attribution.filters import gaussian_blur
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.checks import check_float, check_int
 from lightning_xai.interpretation.embedding import (
     Data,
     LayerReduction,
@@ -52,14 +51,6 @@ __all__ = [
     "rank_examples",
     "total_variation",
 ]
-
-
-def _check_real(name: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
 
 
 def _image_seed(seed: int, index: int) -> int:
@@ -136,25 +127,25 @@ class ActivationMaximization:
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
-        self.steps = check_positive_int("steps", steps)
-        self.lr = _check_real("lr", lr, strict=True)
-        self.l2 = _check_real("l2", l2)
-        self.tv = _check_real("tv", tv)
-        self.jitter = check_positive_int("jitter", jitter, minimum=0)
-        self.blur_every = check_positive_int("blur_every", blur_every, minimum=0)
-        self.blur_sigma = _check_real("blur_sigma", blur_sigma)
-        self.init_mean = _check_real("init_mean", init_mean, minimum=-math.inf)
-        self.init_std = _check_real("init_std", init_std)
+        self.steps = check_int("steps", steps, minimum=1, owner="ActivationMaximization")
+        self.lr = check_float("lr", lr, minimum=0.0, strict=True, owner="ActivationMaximization")
+        self.l2 = check_float("l2", l2, minimum=0.0, owner="ActivationMaximization")
+        self.tv = check_float("tv", tv, minimum=0.0, owner="ActivationMaximization")
+        self.jitter = check_int("jitter", jitter, minimum=0, owner="ActivationMaximization")
+        self.blur_every = check_int("blur_every", blur_every, minimum=0, owner="ActivationMaximization")
+        self.blur_sigma = check_float("blur_sigma", blur_sigma, minimum=0.0, owner="ActivationMaximization")
+        self.init_mean = check_float("init_mean", init_mean, owner="ActivationMaximization")
+        self.init_std = check_float("init_std", init_std, minimum=0.0, owner="ActivationMaximization")
         if clamp is not None:
             if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
                 raise ValueError(f"clamp must be a (low, high) pair or None, got {clamp!r}")
-            low = _check_real("clamp[0]", clamp[0], minimum=-math.inf)
-            high = _check_real("clamp[1]", clamp[1], minimum=-math.inf)
+            low = check_float("clamp[0]", clamp[0], owner="ActivationMaximization")
+            high = check_float("clamp[1]", clamp[1], owner="ActivationMaximization")
             if not low < high:
                 raise ValueError(f"clamp must satisfy low < high, got {clamp!r}")
             clamp = (low, high)
         self.clamp = clamp
-        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner="ActivationMaximization")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -172,7 +163,7 @@ class ActivationMaximization:
             if isinstance(value, Tensor) and value.ndim >= 1
         }
         if num_images is not None:
-            check_positive_int("num_images", num_images)
+            check_int("num_images", num_images, minimum=1, owner="ActivationMaximization")
             counts["num_images"] = num_images
         if len(set(counts.values())) > 1:
             raise ValueError(f"the number of images is given inconsistently: {counts}")
@@ -239,7 +230,7 @@ class ActivationMaximization:
         if layer is None and unit is not None:
             raise ValueError("unit= needs layer= (the layer the unit belongs to)")
         n = self._count(target, unit, init, num_images)
-        check_positive_int("first_index", first_index, minimum=0)
+        check_int("first_index", first_index, minimum=0, owner="ActivationMaximization")
         if target is not None and not callable(target):
             validate_target(target, n, None)
         units: Tensor | None = None
@@ -343,7 +334,7 @@ class TopKBuffer:
     """
 
     def __init__(self, k: int, *, largest: bool = True) -> None:
-        self.k = check_positive_int("k", k)
+        self.k = check_int("k", k, minimum=1, owner="TopKBuffer")
         self.largest = largest
         self.scores: Tensor | None = None
         self.indices: Tensor | None = None
@@ -443,8 +434,8 @@ def rank_examples(
     if target is not None and not callable(target):
         if isinstance(target, bool) or not isinstance(target, int) or target < 0:
             raise ValueError(f"target must be a class index >= 0 or a callable output -> Tensor[B], got {target!r}")
-    check_positive_int("k", k)
-    check_positive_int("batch_size", batch_size)
+    check_int("k", k, minimum=1, owner="rank_examples")
+    check_int("batch_size", batch_size, minimum=1, owner="rank_examples")
     top, bottom = TopKBuffer(k, largest=True), TopKBuffer(k, largest=False)
     device = model_device(model)
     seen = 0
