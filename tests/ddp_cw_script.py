@@ -70,6 +70,14 @@ def build_model() -> ConceptWhiteningClassifier:
     )
 
 
+class BeforeRecalibration(pl.Callback):
+    """Callbacks' on_fit_end runs before the module's: the running averages as training left them."""
+
+    def on_fit_end(self, trainer, module) -> None:
+        self.running_mean = module.cw.running_mean.tolist()
+        self.running_whitening = module.cw.running_whitening.flatten().tolist()
+
+
 def run(devices: int, out: str) -> dict:
     torch.set_num_threads(1)
     pl.seed_everything(0)
@@ -85,12 +93,15 @@ def run(devices: int, out: str) -> dict:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
+        callbacks=[before := BeforeRecalibration()],
     )
     trainer.fit(model, SceneData(GLOBAL_BATCH // devices))
     cw = model.cw
     result = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
+        "averaged_mean": before.running_mean,
+        "averaged_whitening": before.running_whitening,
         "running_mean": cw.running_mean.tolist(),
         "running_whitening": cw.running_whitening.flatten().tolist(),
         "rotation": cw.rotation.flatten().tolist(),

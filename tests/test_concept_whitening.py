@@ -336,6 +336,52 @@ def test_concept_update_runs_in_eval_mode_and_touches_only_the_rotation(datamodu
     assert info["objective_after"] < info["objective_before"]
 
 
+def _eval_whiteness(model: ConceptWhiteningClassifier, loader) -> float:
+    """max |cov - I| of the CW layer's eval-mode output pixels over ``loader``."""
+    outputs: list[torch.Tensor] = []
+    handle = model.cw.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().double()))
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                model(batch[0])
+    finally:
+        handle.remove()
+    flat = torch.cat([o.transpose(0, 1).reshape(o.shape[1], -1) for o in outputs], dim=1)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    covariance = centred @ centred.T / flat.shape[1]
+    return float((covariance - torch.eye(flat.shape[0], dtype=torch.float64)).abs().max())
+
+
+@pytest.mark.parametrize("recalibrate", [True, False])
+def test_fit_ends_with_a_recalibration_that_makes_eval_mode_white(datamodule, recalibrate):
+    """Issue 18.14: after fit, the running statistics are recomputed with the final weights over the training
+    data, so the eval-mode output on the training data is white (without it: the lagging running average)."""
+    pl.seed_everything(0)
+    model = tiny_classifier(update_every=2, lr=0.05, recalibrate=recalibrate)
+    quiet_trainer(max_epochs=3, limit_val_batches=0).fit(model, datamodule)
+    whiteness = _eval_whiteness(model, datamodule.train_dataloader())
+    print(f"recalibrate={recalibrate}: eval-mode max |cov - I| on the training data = {whiteness:.4g}")
+    if recalibrate:
+        assert whiteness < 1e-2  # eps = 1e-5 on the covariance diagonal leaves eps / variance
+    else:
+        assert whiteness > 0.05  # what the running average leaves
+
+
+def test_recalibration_restores_modes_and_changes_only_the_running_statistics(datamodule):
+    model = tiny_classifier()
+    model.train()
+    before = snapshot(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    info = model.recalibrate_whitening(datamodule.train_dataloader(), max_batches=2)
+    assert_unchanged(model, before)
+    assert info == {"pixels": 2 * 16 * 12 * 12, "batches": 2.0}
+    changed = sorted(k for k, v in model.state_dict().items() if not torch.equal(v, state[k]))
+    assert changed == ["backbone.4.running_mean", "backbone.4.running_whitening"]
+    with pytest.raises(ValueError, match="got no batches"):
+        model.recalibrate_whitening([], max_batches=2)
+
+
 def test_classifier_bad_input_raises(datamodule):
     with pytest.raises(ValueError, match=r"'0' is a Conv2d, not a BatchNorm2d"):
         tiny_classifier(layer="0")
@@ -373,7 +419,8 @@ def test_ddp_statistics_equal_single_process_statistics_over_the_union_of_the_da
     assert not np.allclose(single["rotation"], np.eye(6).flatten())  # the rotation did move
     for result in ranks:
         assert result["num_rotation_updates"] == 2
-        for key in ("running_mean", "running_whitening", "rotation", "first_conv", "head"):
+        for key in ("averaged_mean", "averaged_whitening", "running_mean", "running_whitening", "rotation",
+                    "first_conv", "head"):
             np.testing.assert_allclose(result[key], single[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 

@@ -55,18 +55,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.checks import check_bool, check_float, check_int
+from lightning_xai.distributed import rank_and_world_size, sum_over_ranks
 from lightning_xai.models.backbones import build_backbone
-from lightning_xai.models.base import XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.models.concept_bottleneck import ConceptAUROC, _loader_from, auc_matrix
 
 __all__ = [
@@ -90,24 +93,18 @@ POOLINGS = ("mean", "max")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum)
 
 
 def _check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = True) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+    checked = check_float(name, value, minimum=low, strict=low_open)
+    if checked > high:
+        raise ValueError(f"{name} must be a finite number <= {high}, got {value!r}")
+    return checked
 
 
 def _distributed_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    return rank_and_world_size()[1]
 
 
 def _differentiable_all_reduce(tensor: Tensor) -> Tensor:
@@ -118,7 +115,7 @@ def _differentiable_all_reduce(tensor: Tensor) -> Tensor:
 
 
 def _distributed_rank() -> int:
-    return torch.distributed.get_rank() if _distributed_world() > 1 else 0
+    return rank_and_world_size()[0]
 
 
 # ---------------------------------------------------------------------------------------------------- whitening
@@ -317,7 +314,7 @@ class ConceptWhitening(nn.Module):
         sync = self._sync()
         if sync:
             total = _differentiable_all_reduce(total)
-            torch.distributed.all_reduce(count)
+            count = sum_over_ranks(count)
         mean = total / count
         centred = flat - mean[:, None]
         scatter = centred @ centred.mT  # two passes (mean first): no cancellation in E[zz^T] - mu mu^T
@@ -351,6 +348,24 @@ class ConceptWhitening(nn.Module):
             transform = self.rotation.to(z).mT @ whitening  # Q^T W
             y = torch.einsum("oc,bchw->bohw", transform, z - mean.view(1, -1, 1, 1))
         return y.to(x.dtype)
+
+    @torch.no_grad()
+    def set_statistics(self, total: Tensor, outer: Tensor, count: Tensor | float) -> None:
+        """Set the running statistics to the population's: ``mean = total / count`` and the whitening matrix of
+        ``covariance = outer / count - mean mean^T`` (``total [C]`` = sum of the pixels, ``outer [C, C]`` = sum
+        of their outer products, accumulated in float64). Used by the recalibration pass."""
+        count = float(count)
+        if count <= 0:
+            raise ValueError("ConceptWhitening.set_statistics: no pixels were accumulated (count = 0)")
+        mean = total.double() / count
+        covariance = outer.double() / count - torch.outer(mean, mean)
+        covariance = (covariance + covariance.mT) / 2
+        if not (torch.isfinite(mean).all() and torch.isfinite(covariance).all()):
+            raise ValueError("ConceptWhitening.set_statistics: the accumulated statistics are not finite (NaN/inf)")
+        eye = torch.eye(self.num_features, dtype=torch.float64, device=covariance.device)
+        whitening = self._inverse_sqrt(covariance + self.eps * eye)
+        self.running_mean.copy_(mean.to(self.running_mean))
+        self.running_whitening.copy_(whitening.to(self.running_whitening))
 
     def whitened(self, x: Tensor) -> Tensor:
         """``W (x - mu)`` with the running statistics (before the rotation), ``[B, C, H, W]``."""
@@ -405,8 +420,7 @@ class ConceptWhitening(nn.Module):
         else:
             sums, counts = self._concept_sum.clone(), self._concept_count.clone()
         if self._sync():
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(counts)
+            sums, counts = sum_over_ranks(sums), sum_over_ranks(counts)
         return sums, counts
 
     def reset_concepts(self) -> None:
@@ -563,7 +577,12 @@ class ConceptWhiteningClassifier(XAIModule):
         concept_split: the split of the datamodule whose dataset supplies concept examples.
         concept_seed: seed of the concept example draws (update ``u`` uses ``concept_seed + u``, so a resumed run
             draws what the uninterrupted run would have drawn).
-        optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
+        recalibrate: at the end of ``fit``, recompute the CW layer's running statistics with the final weights
+            over the training data (:meth:`recalibrate_whitening`; as one recomputes BatchNorm statistics). The
+            running average of per-batch whitening matrices lags the features while they train, so without it
+            the eval-mode output is far from white (max ``|cov - I|`` about 1 on held-out activations).
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss: see
+            :class:`~lightning_xai.models.base.XAIModule`.
 
     Concept examples come from the datamodule's ``dataset(concept_split)`` (anything with ``concept_index`` and
     ``concept_examples``, e.g. :class:`~lightning_xai.data.concepts.ConceptScenes`) or from
@@ -589,13 +608,17 @@ class ConceptWhiteningClassifier(XAIModule):
         cw_eps: float = 1e-5,
         concept_split: str = "train",
         concept_seed: int = 0,
+        recalibrate: bool = True,
         optimizer: str = "adam",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
+        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
+                         on_nonfinite_loss=on_nonfinite_loss)
+        self.recalibrate = check_bool("recalibrate", recalibrate, owner="ConceptWhiteningClassifier")
         if isinstance(concepts, str) or not isinstance(concepts, Sequence) or not concepts:
             raise ValueError(f"concepts must be a non-empty list of concept names, got {concepts!r}")
         if not all(isinstance(c, str) for c in concepts) or len(set(concepts)) != len(concepts):
@@ -632,10 +655,8 @@ class ConceptWhiteningClassifier(XAIModule):
         self._concept_indices: list[int] | None = None
         self._concept_available: list[int] = []
         self._last_update_step = -1
-        for split in ("train", "val", "test"):
-            setattr(self, f"{split}_acc", MulticlassAccuracy(num_classes, average="micro"))
-        self.val_concept_purity = ConceptAUROC()
-        self.test_concept_purity = ConceptAUROC()
+        self.set_metrics(MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))
+        self.set_metrics(MetricCollection({"concept_purity": ConceptAUROC()}), name="purity")
 
     @property
     def cw(self) -> ConceptWhitening:
@@ -670,6 +691,7 @@ class ConceptWhiteningClassifier(XAIModule):
         self._concept_available = available
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # num_classes against the datamodule's
         if self._concept_dataset is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -706,9 +728,12 @@ class ConceptWhiteningClassifier(XAIModule):
         return cw.update_rotation()
 
     # --------------------------------------------------------------------------------------------- training
-    def _step(self, batch: Any, split: str) -> Tensor:
-        x, y = batch[0], batch[1]
-        if split != "train" and len(batch) > 2 and self._concept_indices is not None:
+    def compute_losses(self, batch: Any, split: str) -> StepOutput:
+        """Cross-entropy; outside training, batches with concept labels ``(images, labels, concept_labels)``
+        also update the concept purity (AUC of each aligned axis, mean-pooled)."""
+        x, y = self.batch_reader.inputs(batch), self.batch_reader.labels(batch)
+        self.check_class_labels(y)
+        if split != "train" and not isinstance(batch, dict) and len(batch) > 2 and self._concept_indices is not None:
             outputs: list[Tensor] = []
             handle = self.cw.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
             try:
@@ -717,27 +742,86 @@ class ConceptWhiteningClassifier(XAIModule):
                 handle.remove()
             axes = outputs[-1][:, : len(self.concepts)].float().mean(dim=(2, 3))
             labels = batch[2][:, self._concept_indices].long()
-            getattr(self, f"{split}_concept_purity").update(axes, labels)
+            self.metrics_of(split, "purity")["concept_purity"].update(axes, labels)
         else:
             logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        accuracy = getattr(self, f"{split}_acc")
-        accuracy(logits, y)
-        self.log(f"{split}_loss", loss, on_step=split == "train", on_epoch=True, sync_dist=True, batch_size=len(y))
-        self.log(f"{split}_acc", accuracy, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=split == "val")
-        return loss
+        return StepOutput(F.cross_entropy(logits, y), {}, logits)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+    def _step(self, batch: Any, split: str) -> Tensor | None:
+        """One step of ``split`` (kept for callers of the earlier private API)."""
+        return self.shared_step(batch, 0, split)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self(batch if isinstance(batch, Tensor) else batch[0])
+
+    # -------------------------------------------------------------------------------------- recalibration
+    @torch.no_grad()
+    def recalibrate_whitening(self, data: Any = None, max_batches: int | None = None) -> dict[str, float]:
+        """Recompute the CW layer's running mean and whitening matrix with the current weights (issue: the running
+        average of per-batch whitening matrices lags the features while they train).
+
+        One eval-mode pass over ``data`` (a DataLoader, any iterable of batches, or a datamodule whose training
+        loader is used; default: the trainer's training loader) accumulates the sum and the outer products of the
+        CW layer's input pixels in float64 (the forward stops right after the layer), summed over DDP ranks (every
+        rank must call this together: :meth:`on_fit_end` does), and sets the running statistics to the
+        population's (:meth:`ConceptWhitening.set_statistics`). The model's train/eval modes are restored.
+        Returns ``{"pixels": count, "batches": local batch count}``.
+        """
+        loader = self._recalibration_loader(data)
+        cw = self.cw
+        c = cw.num_features
+        total = torch.zeros(c, dtype=torch.float64, device=self.device)
+        outer = torch.zeros(c, c, dtype=torch.float64, device=self.device)
+        count = torch.zeros(1, dtype=torch.float64, device=self.device)
+
+        def accumulate(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            flat = inputs[0].detach().double().transpose(0, 1).reshape(c, -1)
+            total.add_(flat.sum(dim=1))
+            outer.add_(flat @ flat.mT)
+            count.add_(flat.shape[1])
+            raise _StopForward
+
+        batches = 0
+        with model_state_guard(self.backbone):
+            self.backbone.eval()
+            handle = cw.register_forward_pre_hook(accumulate)
+            try:
+                for i, batch in enumerate(loader):
+                    if max_batches is not None and i >= max_batches:
+                        break
+                    try:
+                        self.backbone(self.batch_reader.inputs(batch).to(self.device))
+                    except _StopForward:
+                        pass
+                    batches += 1
+            finally:
+                handle.remove()
+        sums = sum_over_ranks(torch.cat([total, outer.flatten(), count]))
+        pixels = float(sums[-1])
+        if pixels == 0:
+            raise ValueError(f"{type(self).__name__}.recalibrate_whitening got no batches")
+        cw.set_statistics(sums[:c], sums[c:-1].view(c, c), pixels)
+        return {"pixels": pixels, "batches": float(batches)}
+
+    def _recalibration_loader(self, data: Any) -> Any:
+        if data is not None:
+            loader_fn = getattr(data, "train_dataloader", None)
+            return loader_fn() if callable(loader_fn) and not isinstance(data, Iterable) else data
+        if self._trainer is not None:
+            loader = self.trainer.train_dataloader
+            if loader is not None:
+                return loader
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is not None:
+                return datamodule.train_dataloader()
+        raise ValueError(f"{type(self).__name__}.recalibrate_whitening needs data: pass a DataLoader or datamodule")
+
+    def on_fit_end(self) -> None:
+        """Recalibrate the whitening statistics with the final weights (``recalibrate=True``, the default)."""
+        if not self.recalibrate:
+            return
+        max_batches = 1 if getattr(self.trainer, "fast_dev_run", False) else None
+        self.recalibrate_whitening(max_batches=max_batches)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
@@ -748,7 +832,7 @@ class ConceptWhiteningClassifier(XAIModule):
             self.log("cw_orthogonality_error", orthogonality_error(self.cw.rotation), on_step=True, batch_size=1)
 
     def _log_purity(self, split: str) -> None:
-        metric = getattr(self, f"{split}_concept_purity")
+        metric = self.metrics_of(split, "purity")["concept_purity"]
         if not metric.update_called:
             return
         auc = metric.compute()
