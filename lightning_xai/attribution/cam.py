@@ -258,8 +258,8 @@ class GradCAMPlusPlus(_GradientCAM):
 
        Both make Grad-CAM++ reduce to Grad-CAM in the paper's uniform case (``alpha = 1/Z``): on a global-average-
        pool + linear head the gradient is spatially constant and both give ``w_k = W[c, k] / hw`` for a positive
-       class weight. They differ where the gradient changes sign over the map (intermediate layers: 9-16 % on
-       VGG-style layers). ``normalize_alpha=False`` skips the step (the un-normalised variant of TorchCAM and
+       class weight. They differ where the gradient changes sign over the map (on intermediate layers of a trained
+       VGG-style network by 9-16 %). ``normalize_alpha=False`` skips the step (the un-normalised variant of TorchCAM and
        pytorch-grad-cam, whose scale grows with ``1 / sum_A_k``).
     3. ``w_k = sum_ij alpha_kij * relu(g_kij)`` and ``map = relu(sum_k w_k A_k)``.
 
