@@ -6,7 +6,9 @@ embedding, a cap on the prototypes optimised per run)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trai
 
 from lightning_xai.callbacks.base import ConfigurationError
 from lightning_xai.callbacks.interpretation import ClassPrototypes, EmbeddingProjector, RelevantUnits, TCAVScores
+from lightning_xai.distributed import Reducer, ThreadGroup
 from lightning_xai.interpretation.relevant_units import RelevantUnitAnalysis
 from lightning_xai.interpretation.tcav import TCAV
 from lightning_xai.interpretation.visualization import ActivationMaximization
@@ -344,3 +347,66 @@ def test_class_prototypes_optimise_at_most_classes_per_run_rotating_over_runs(tm
     for c, img in zip(capped.records[-1]["classes"], capped.last_images):
         assert torch.allclose(img, full_images[c], atol=1e-6)
     assert [ClassPrototypes(classes_per_run=2, seed=4).positions(3, r) for r in range(3)] == seen, "seeded"
+
+
+# ------------------------------------------------------------------------------------------- ranks (threads)
+
+
+def _fake_trainer(rank: int, world: int, root: str) -> SimpleNamespace:
+    """What the callbacks read from a Trainer, for a simulated rank (no loggers: files go to ``root``)."""
+    return SimpleNamespace(world_size=world, global_rank=rank, is_global_zero=rank == 0, current_epoch=0,
+                           global_step=0, state=SimpleNamespace(fn="validate"), loggers=[], default_root_dir=root,
+                           strategy=SimpleNamespace(launcher=None), sanity_checking=False)
+
+
+def _small_four(dataset):
+    concepts, pool = _concepts()
+    return [
+        TCAVScores("features.3", concepts, random_examples=pool, num_random=2, num_samples=4, dataset=dataset,
+                   on_error="raise"),
+        RelevantUnits("features.3", num_samples=4, split="val", dataset=dataset, on_error="raise"),
+        ClassPrototypes(steps=2, dataset=dataset, on_error="raise"),
+        EmbeddingProjector("features", num_samples=4, dataset=dataset, on_error="raise"),
+    ]
+
+
+def _outcome(callbacks) -> dict:
+    tcav, units, prototypes, embedding = callbacks
+    return {
+        "tcav": tcav.last_result.rows(),
+        "weights": units.last_result.weights,
+        "ablation": units.last_ablation.rows(),
+        "prototypes": prototypes.last_images,
+        "explained": embedding.history[-1][1],
+        "metrics": {k: v for cb in callbacks for k, v in cb.last_metrics.items() if not k.endswith("/seconds")},
+    }
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_simulated_with_threads_agree_with_one_process(tmp_path, world):
+    """Sharding, padding (with 3 ranks one rank holds no real sample of the 4-sample probe sets), gathering, sums
+    and broadcasts: every rank gets the single-process result."""
+    pl.seed_everything(0)
+    model = TinyClassifier().eval()
+    dataset = BlobData().val_set
+
+    def run_all(reducer, rank: int, size: int) -> dict:
+        replica = copy.deepcopy(model)  # each rank has its own replica (hooks are per model)
+        callbacks = _small_four(dataset)
+        trainer = _fake_trainer(rank, size, str(tmp_path / f"rank{rank}"))
+        for cb in callbacks:
+            cb._reducer = reducer
+            assert cb.run(trainer, replica), cb.errors
+        return _outcome(callbacks)
+
+    single = run_all(Reducer(), 0, 1)
+    results = ThreadGroup(world).run(lambda reducer: run_all(reducer, reducer.rank, world))
+    for rank, got in enumerate(results):
+        assert got["tcav"] == single["tcav"]
+        assert torch.allclose(got["weights"], single["weights"], atol=1e-6)
+        assert got["ablation"] == single["ablation"]
+        assert torch.allclose(got["prototypes"], single["prototypes"], atol=1e-5)
+        assert got["explained"] == pytest.approx(single["explained"], abs=1e-5), "broadcast from rank zero"
+        assert got["metrics"].keys() == single["metrics"].keys()
+        for key, value in single["metrics"].items():
+            assert got["metrics"][key] == pytest.approx(value, abs=1e-5), (rank, key)

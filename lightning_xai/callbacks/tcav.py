@@ -12,6 +12,7 @@ from torch import Tensor
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.batch import outputs_as_logits
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
+from lightning_xai.callbacks.embedding import recording_outputs
 from lightning_xai.checks import check_int
 from lightning_xai.distributed import broadcast
 from lightning_xai.interpretation.tcav import TCAV, CAVBank, TCAVResult, directional_derivatives
@@ -329,21 +330,27 @@ class TCAVScores(XAICallback):
         """This rank's ``(positive [K, M], totals [K], nonfinite [K], classes)``: per class, how many of its finite
         inputs have a positive sensitivity along each CAV, how many finite inputs it has, and how many inputs
         whose logits or sensitivities are NaN / inf."""
-        logits = self.eval_logits(pl_module, probe.inputs)
-        classes = self.classes if self.classes is not None else list(range(int(logits.shape[1])))
         n = probe.num_real
-        positive = torch.zeros(len(classes), bank.vectors.shape[0], dtype=torch.long)
-        totals = torch.zeros(len(classes), dtype=torch.long)
-        nonfinite = torch.zeros(len(classes), dtype=torch.long)
-        if n == 0:
-            return positive, totals, nonfinite, classes
+        if n == 0:  # this rank only holds padding: it takes part in the sums with zeros
+            num_outputs = int(self.eval_logits(pl_module, probe.inputs[:1]).shape[1])
+            classes = self.classes if self.classes is not None else list(range(num_outputs))
+            k, m = len(classes), bank.vectors.shape[0]
+            zeros = torch.zeros(k, dtype=torch.long)
+            return torch.zeros(k, m, dtype=torch.long), zeros, zeros.clone(), classes
         labels = probe.labels[:n].long().reshape(-1).cpu()
-        ids = None if probe.sample_ids is None else probe.sample_ids[:n]
-        finite = self.finite_rows(logits[:n], ids).cpu()
-        with outputs_as_logits(model, self.output_reader):
+        # the logits come from the sensitivity pass itself (eval mode), not from a forward pass of their own
+        with recording_outputs(model, self.output_reader) as outputs, outputs_as_logits(model, self.output_reader):
             sens = directional_derivatives(
                 model, self.layer, probe.inputs[:n], labels.clone(), bank.vectors, batch_size=self.tcav.batch_size
             )
+        logits = torch.cat(outputs).float().cpu()
+        classes = self.classes if self.classes is not None else list(range(int(logits.shape[1])))
+        positive = torch.zeros(len(classes), bank.vectors.shape[0], dtype=torch.long)
+        totals = torch.zeros(len(classes), dtype=torch.long)
+        nonfinite = torch.zeros(len(classes), dtype=torch.long)
+        ids = None if probe.sample_ids is None else probe.sample_ids[:n].cpu()
+        ids = ids if ids is not None and bool((ids >= 0).all()) else None  # a given probe_batch has no indices
+        finite = self.finite_rows(logits, ids)
         finite &= torch.isfinite(sens).all(dim=1)
         for i, k in enumerate(classes):
             sel = labels == int(k)
