@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_xai.attribution.attention import AttentionRollout, TransformerAttribution
 from lightning_xai.attribution.base import ATTRIBUTORS, build_attributor
+from lightning_xai.attribution.token_surrogate import TokenKernelSHAP, TokenLIME
 from lightning_xai.attribution.tokens import (
     TokenInputXGradient,
     TokenIntegratedGradients,
@@ -163,6 +164,25 @@ def test_token_occlusion_closed_form_and_windows(linear_tokens):
     assert (skipped[ids == 0] == 0).all() and torch.allclose(skipped[ids != 0], expected[ids != 0], atol=1e-6)
 
 
+def test_token_surrogates_recover_the_token_effects_of_an_additive_model(linear_tokens):
+    model, ids = linear_tokens
+    emb, w = model.embedding.weight.detach(), model.head.weight.detach()
+    target = torch.tensor([2, 0])
+    effects = ((emb[ids] - emb[MASK_TOKEN]) * w[target][:, None, :]).sum(-1) / ids.shape[1]
+    effects = effects.masked_fill(ids == 0, 0.0)
+    # exact Shapley values (2^M <= num_samples: every coalition evaluated) of an additive game = the effects
+    exact = TokenKernelSHAP(mask_token=MASK_TOKEN, num_samples=64, skip_tokens=[0], batch_size=7)(model, ids, target)
+    assert torch.allclose(exact, effects, atol=1e-5)
+    # sampled coalitions on a longer sequence: still exact for an additive model
+    long_ids = torch.randint(2, 12, (2, 10), generator=torch.Generator().manual_seed(0))
+    long_effects = ((emb[long_ids] - emb[MASK_TOKEN]) * w[target][:, None, :]).sum(-1) / 10
+    sampled = TokenKernelSHAP(mask_token=MASK_TOKEN, num_samples=40)(model, long_ids, target)
+    assert torch.allclose(sampled, long_effects, atol=1e-5)
+    # LIME's weighted least squares (alpha=0) fits an additive model exactly
+    lime = TokenLIME(mask_token=MASK_TOKEN, num_samples=64, alpha=0.0, skip_tokens=[0])(model, ids, target)
+    assert torch.allclose(lime, effects, atol=1e-4)
+
+
 def test_token_ig_completeness_on_a_nonlinear_model():
     torch.manual_seed(0)
     model = TextTransformer(20, 3, max_len=8).eval()
@@ -223,6 +243,8 @@ def _methods() -> list:
         TokenInputXGradient(batch_size=2),
         TokenIntegratedGradients(baseline=PAD_TOKEN, steps=3, batch_size=5, skip_tokens=[PAD_TOKEN]),
         TokenOcclusion(batch_size=4, skip_tokens=[PAD_TOKEN]),
+        TokenLIME(num_samples=16, batch_size=5, skip_tokens=[PAD_TOKEN]),
+        TokenKernelSHAP(num_samples=16, batch_size=5, skip_tokens=[PAD_TOKEN]),
         AttentionRollout(),
         TransformerAttribution(),
     ]
@@ -300,6 +322,8 @@ def _mass_and_pointing(scores: torch.Tensor, masks: torch.Tensor) -> tuple[float
         (TokenIntegratedGradients(baseline=MASK_TOKEN, steps=8, skip_tokens=[PAD_TOKEN]), 0.5, 0.8),
         (TokenSaliency(skip_tokens=[PAD_TOKEN]), 0.3, 0.6),
         (TokenOcclusion(mask_token=MASK_TOKEN, skip_tokens=[PAD_TOKEN]), 0.4, 0.5),
+        (TokenKernelSHAP(mask_token=MASK_TOKEN, num_samples=64, skip_tokens=[PAD_TOKEN]), 0.4, 0.6),
+        (TokenLIME(mask_token=MASK_TOKEN, num_samples=64, skip_tokens=[PAD_TOKEN]), 0.4, 0.6),
         (AttentionRollout(), 0.25, 0.7),
         (TransformerAttribution(), 0.3, 0.5),
     ],

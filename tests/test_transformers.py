@@ -291,3 +291,73 @@ def test_vit_classifier_trains_on_the_ground_truth_images():
     assert torch.isfinite(trainer.callback_metrics["train_loss_step"])
     x = data.dataset("val").images[:2]
     assert TransformerAttribution()(model, x, 0).shape == (2, 1, 32, 32)
+
+
+class _EncoderClassifier(nn.Module):
+    """nn.TransformerEncoder (whose layers take a fused fast path without autograd) + a head on token 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)[:, 0])
+
+
+def test_attention_methods_see_every_layer_of_a_torch_encoder_also_frozen():
+    model = _EncoderClassifier().eval()
+    x = torch.randn(2, 5, 8)
+    with capture_attention(model) as records:
+        model(x.requires_grad_(True))
+    assert len(records) == 2
+    expected = rollout([r.probs.detach() for r in records])[:, 0]
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen model: still no fast path inside the attributor
+    before = snapshot(model)
+    with torch.inference_mode():
+        result = AttentionRollout()(model, x.detach().clone(), 1)
+    assert torch.allclose(result, expected, atol=1e-6)
+    assert_unchanged(model, before)
+    model.unused = nn.MultiheadAttention(8, 2)  # a module the forward never calls: named, never ignored
+    with pytest.raises(ValueError, match=r"attention modules \['unused'\] were not called"):
+        AttentionRollout()(model, x, 1)
+    assert AttentionRollout(attention=["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"])(
+        model, x, 1
+    ).shape == (2, 5)
+
+
+class _FusedWhenNoGrad(nn.Module):
+    """Calls its nn.MultiheadAttention only when autograd needs it; otherwise a fused equivalent bypasses the
+    module (as fast paths do): the attention methods must still see the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.attention.in_proj_weight.requires_grad)
+        if needs_grad:
+            out = self.attention(x, x, x, need_weights=False)[0]
+        else:
+            out = attention_forward(self.attention, x, x, x)[0]  # the same numbers, the module never called
+        return self.head(out[:, 0])
+
+
+def test_attention_methods_rerun_with_autograd_when_a_fused_path_skipped_the_modules():
+    model = _FusedWhenNoGrad().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = snapshot(model)
+    x = torch.randn(2, 4, 8)
+    with torch.no_grad():
+        probs = model.attention(x, x, x, need_weights=True)[1]
+    with torch.inference_mode():
+        result = AttentionRollout()(model, x.clone(), 0)
+    assert torch.allclose(result, 0.5 * probs[:, 0] + 0.5 * torch.eye(4)[0], atol=1e-6)
+    assert TransformerAttribution()(model, x, 0).shape == (2, 4)
+    assert_unchanged(model, before)

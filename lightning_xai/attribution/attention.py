@@ -235,6 +235,10 @@ def transformer_relevance(attentions: Sequence[Tensor], gradients: Sequence[Tens
 class _AttentionMethod(Attributor):
     """Shared configuration, input handling and output layout of the attention methods (not registered)."""
 
+    #: Whether the method differentiates the score by the attention; if not, the forward pass runs without
+    #: autograd first, and again with it only if some attention module was skipped.
+    needs_gradient: bool = True
+
     def __init__(
         self,
         attention: Sequence[str] | None = None,
@@ -277,12 +281,26 @@ class _AttentionMethod(Attributor):
         return super().run_in_context(model, inputs, target, fn)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:
-        with capture_attention(model, self.attention) as records:
-            output = model(inputs)
-        if not records:
+        modules = _attention_modules(model, self.attention)
+        names = [name for name, _ in modules]
+        output, records = None, []
+        if not self.needs_gradient:
+            with torch.no_grad(), capture_attention(model, names) as records:
+                output = model(inputs)
+        if self.needs_gradient or set(names) - {r.name for r in records}:
+            for _, module in modules:
+                # a fused fast path could skip nn.MultiheadAttention when nothing it reads requires grad (torch's
+                # own nn.TransformerEncoderLayer also checks for hooks): with these parameters requiring grad it
+                # cannot (model_state_guard restores the flags)
+                for param in module.parameters():
+                    param.requires_grad_(True)
+            with capture_attention(model, names) as records:
+                output = model(inputs)
+        missing = sorted(set(names) - {r.name for r in records})
+        if missing:
             raise ValueError(
-                f"{type(self).__name__}: no attention module was called in the forward pass (a fused fast path, "
-                "e.g. nn.TransformerEncoderLayer's, bypasses nn.MultiheadAttention when no gradient is needed)"
+                f"{type(self).__name__}: attention modules {missing} were not called in the forward pass; pass "
+                "attention=[...] with the dotted names of the nn.MultiheadAttention modules the model uses"
             )
         probs = [r.probs for r in records]
         tokens = probs[0].shape[-1]
@@ -349,6 +367,7 @@ class AttentionRollout(_AttentionMethod):
     """
 
     name = "attention_rollout"
+    needs_gradient = False
 
     def __init__(
         self,
