@@ -7,6 +7,8 @@ embedding, a cap on the prototypes optimised per run)."""
 from __future__ import annotations
 
 import copy
+import csv
+import glob
 import warnings
 from types import SimpleNamespace
 
@@ -246,6 +248,10 @@ def test_embedding_leaves_nan_samples_out_of_the_map(tmp_path):
     embedding = EmbeddingProjector("features", num_samples=30, probe_batch=_marked_probe(1), on_error="raise")
     _, messages = _validate(tmp_path, NaNLogitClassifier(), [embedding])
     assert embedding.last_coordinates.shape == (20, 2)
+    (table,) = glob.glob(str(tmp_path / "xai" / "embeddingprojector" / "*.csv"))
+    with open(table, newline="") as f:
+        points = list(csv.DictReader(f))
+    assert [int(p["probe_index"]) for p in points] == [i for i in range(30) if i % 3 != 1], "positions in the batch"
     assert any(m.startswith("EmbeddingProjector:") and "NaN" in m for m in messages), messages
 
 

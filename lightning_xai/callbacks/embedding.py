@@ -201,12 +201,13 @@ class EmbeddingProjector(XAICallback):
         preds = self.gather(preds.to(device), total)
         finite = self.gather(finite.to(device, torch.long), total).bool()
         ids = self.gather(probe.sample_ids.to(device), total) if probe.sample_ids is not None else None
+        if ids is None or bool((ids < 0).any()):  # a given probe_batch: its positions
+            ids = torch.arange(total)
 
         def project() -> float:
             if not trainer.is_global_zero:
                 return float("nan")
-            return self._project_and_log(trainer, feats[finite], labels[finite], preds[finite],
-                                         None if ids is None else ids[finite])
+            return self._project_and_log(trainer, feats[finite], labels[finite], preds[finite], ids[finite])
 
         explained = self.run_agreed(project)
         value = float(broadcast(torch.tensor([explained], dtype=torch.float64, device=device), 0, self.reducer))
@@ -214,7 +215,7 @@ class EmbeddingProjector(XAICallback):
         self.records.append(self.history_record(trainer, explained_variance=explained_variance))
         return {} if explained_variance is None else {f"{self.log_key}/explained_variance": explained_variance}
 
-    def _project_and_log(self, trainer: Any, feats: Tensor, labels: Tensor, preds: Tensor, ids: Tensor | None) -> float:
+    def _project_and_log(self, trainer: Any, feats: Tensor, labels: Tensor, preds: Tensor, ids: Tensor) -> float:
         """Project on rank zero, log the points; returns the explained variance (NaN for t-SNE)."""
         if feats.shape[0] < 2:
             raise FloatingPointError(f"only {feats.shape[0]} probe sample(s) have finite features; nothing to project")
@@ -222,7 +223,7 @@ class EmbeddingProjector(XAICallback):
         self.last_coordinates = coords
         rows = [
             [float(coords[i, 0]), float(coords[i, 1]), int(labels[i]), self._name(int(labels[i])), int(preds[i]),
-             int(ids[i]) if ids is not None else i]
+             int(ids[i])]
             for i in range(coords.shape[0])
         ]
         self.last_outputs = log_scatter(
