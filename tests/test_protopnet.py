@@ -542,3 +542,29 @@ def test_example_config_runs_with_the_cli(tmp_path):
     assert isinstance(cli.model, ProtoPNet)
     assert cli.model.prototypes_per_class == 5 and cli.model.scheduler_name == "cosine"
     assert cli.model.schedule_length == cli.config["fit"]["trainer"]["max_epochs"], "the schedule fills the run"
+
+
+# ------------------------------------------------------------------------------------------ issue 18: 10, 11
+def test_labels_beyond_num_classes_are_a_clear_error_before_the_loss():
+    model = tiny_model(num_classes=2)  # the blobs have 3 classes
+    with pytest.raises(ValueError, match=r"ProtoPNet: class label 2 is out of range for num_classes=2"):
+        quiet_trainer(fast_dev_run=True).fit(model, BlobData())
+
+
+def test_a_datamodule_with_more_classes_is_an_error_at_setup():
+    class Described(BlobData):
+        num_classes = 3
+
+    with pytest.raises(ValueError, match=r"Described has 3 classes but the model has num_classes=2"):
+        quiet_trainer(fast_dev_run=True).fit(tiny_model(num_classes=2), Described())
+
+
+def test_a_nan_pixel_is_a_clear_error_naming_the_loss_parts():
+    from lightning_xai.models.base import NonFiniteLossError
+
+    data = blob_dataset(8, 16, seed=1)
+    images = data.tensors[0].clone()
+    images[0, 0, 0, 0] = float("nan")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, data.tensors[1]), batch_size=8)
+    with pytest.raises(NonFiniteLossError, match=r"ProtoPNet: the loss is nan at train batch 0 .*'ce'"):
+        quiet_trainer(fast_dev_run=True).fit(tiny_model(), loader)

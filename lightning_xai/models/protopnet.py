@@ -85,14 +85,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_xai.distributed import broadcast, default_reducer, rank_and_world_size
 from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
-from lightning_xai.models.base import XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.namespace import pl
 from lightning_xai.viz.logging import log_image, log_table
 from lightning_xai.viz.render import overlay, to_uint8_images
@@ -460,18 +461,12 @@ def _check_number(name: str, value: Any, *, minimum: float | None = None, positi
 
 def _distributed() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_and_world_size()
 
 
 def _gather(tensor: Tensor, world_size: int) -> Tensor:
     """``[world_size, *tensor.shape]``: ``tensor`` from every rank (``tensor[None]`` without a process group)."""
-    if world_size == 1:
-        return tensor.unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)
+    return default_reducer()(tensor.contiguous(), "gather")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -616,9 +611,7 @@ class ProtoPNet(XAIModule):
         #: 1 while the prototypes equal their pushed patches (set by a push, cleared when a step moves them).
         self.register_buffer("prototypes_pushed", torch.zeros((), dtype=torch.long))
 
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.set_metrics(MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))
         self.automatic_optimization = False
         self._explain_batch: Tensor | None = None
 
@@ -694,6 +687,8 @@ class ProtoPNet(XAIModule):
         return self.stage_of_epoch(self.current_epoch)
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            super().setup(stage)  # num_classes against the datamodule's
         if stage != "fit" or self._trainer is None:
             return
         trainer = self.trainer
@@ -764,11 +759,7 @@ class ProtoPNet(XAIModule):
     # ---------------------------------------------------------------------------------------------------- training
 
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(groups, lr=self.lr)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(groups, lr=self.lr)
-        return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        return self.build_optimizer(groups)  # every group states its own lr and weight decay
 
     def configure_optimizers(self) -> Any:
         """One optimiser per stage, in the order of :data:`STAGES` (manual optimisation steps only the current one)."""
@@ -790,7 +781,7 @@ class ProtoPNet(XAIModule):
         for stage, opt in zip(STAGES, optimizers):
             epochs = sum(self.stage_of_epoch(e) == stage for e in range(max_epochs))
             steps = max(1, round(epochs * per_epoch))
-            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps))
+            schedulers.append(self.cosine_scheduler(opt, steps))
         return optimizers, schedulers
 
     def _frozen_parameters(self, stage: str) -> list[nn.Parameter]:
@@ -801,13 +792,17 @@ class ProtoPNet(XAIModule):
             return [*self.features.parameters(), *self.add_on.parameters(), self.prototypes]
         return []
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch[0], batch[1]
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        x, y = self.batch_reader.inputs(batch), self.batch_reader.labels(batch)
+        self.check_class_labels(y)
         stage = self.current_stage
         index = STAGES.index(stage)
         out = self.outputs(x, stage)
         terms = self.loss_terms(out.logits, out.min_distances, y)
         loss = terms["loss"]
+        parts = {name: terms[name] for name in ("ce", "cluster", "separation", "l1")}
+        if not self.loss_is_usable(StepOutput(loss, parts), "train", batch_idx):
+            return None
         frozen = self._frozen_parameters(stage)
         if frozen:  # exact zero, but every parameter receives a gradient: DDP's reducer sees the same set each step
             loss = loss + 0.0 * sum(p.sum() for p in frozen)
@@ -822,20 +817,22 @@ class ProtoPNet(XAIModule):
             (schedulers[index] if isinstance(schedulers, list) else schedulers).step()
         if stage != "last_layer":
             self.prototypes_pushed.zero_()
-        self.train_acc(out.logits.detach(), y)
+        accuracy = self.metrics_of("train")["acc"]
+        accuracy(out.logits.detach(), y)
         n = len(y)
         self.log("train_loss", terms["loss"].detach(), on_step=True, on_epoch=True, sync_dist=True, batch_size=n)
         for name in ("ce", "cluster", "separation", "l1"):
             self.log(f"train_{name}", terms[name].detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train_acc", accuracy, on_step=False, on_epoch=True, batch_size=n)
         self.log("train_stage", float(index), on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         return terms["loss"].detach()
 
     def _eval_step(self, batch: Any, split: str) -> Tensor:
-        x, y = batch[0], batch[1]
+        x, y = self.batch_reader.inputs(batch), self.batch_reader.labels(batch)
+        self.check_class_labels(y)
         out = self.outputs(x)
         loss = self.loss_terms(out.logits, out.min_distances, y)["loss"]
-        accuracy = getattr(self, f"{split}_acc")
+        accuracy = self.metrics_of(split)["acc"]
         accuracy(out.logits, y)
         self.log(f"{split}_loss", loss, on_epoch=True, sync_dist=True, batch_size=len(y), prog_bar=split == "val")
         self.log(f"{split}_acc", accuracy, on_epoch=True, batch_size=len(y), prog_bar=split == "val")
@@ -922,7 +919,7 @@ class ProtoPNet(XAIModule):
         with torch.inference_mode(False), torch.no_grad(), _eval_mode(self):
             if world > 1:
                 for buffer in [*self.features.buffers(), *self.add_on.buffers()]:
-                    dist.broadcast(buffer, src=0)
+                    buffer.copy_(broadcast(buffer, src=0))
             local = self._scan(dataset, range(rank, len(dataset), world), batch_size)
             distance, index, position, images = (_gather(t, world) for t in local)  # each [world, P, ...]
             winners = self._pick_winners(distance, index, position)
@@ -1027,7 +1024,7 @@ class ProtoPNet(XAIModule):
         new_prototypes = torch.stack(vectors).view_as(self.prototypes).contiguous()
         if world > 1:
             for tensor in (new_prototypes, crop_maps):
-                dist.broadcast(tensor, src=0)
+                tensor.copy_(broadcast(tensor, src=0))
         self.prototypes.copy_(new_prototypes)
         self.push_index.copy_(index)
         self.push_position.copy_(torch.stack([rows, cols], dim=1))
