@@ -17,9 +17,9 @@ from lightning_xai.callbacks.probe import ProbeBatch
 from lightning_xai.checks import check_choice, check_float, check_int
 from lightning_xai.distributed import broadcast, shard_bounds
 from lightning_xai.interpretation.embedding import LayerReduction, layer_features, project_features
-from lightning_xai.viz.logging import log_table, logger_kind
+from lightning_xai.viz.dashboard import log_scatter
 
-__all__ = ["EmbeddingProjector", "log_scatter", "probe_sample_names", "recording_outputs"]
+__all__ = ["EmbeddingProjector", "probe_sample_names", "recording_outputs"]
 
 REDUCTIONS = ("flatten", "mean", "max", "mean_square")
 
@@ -49,35 +49,6 @@ def probe_sample_names(probe: ProbeBatch, bad: Tensor, total: int, trainer: Any)
         return ids.cpu()[rows].tolist()
     start, _, _ = shard_bounds(total, trainer.world_size, trainer.global_rank)
     return (rows + start).tolist()
-
-
-def log_scatter(
-    loggers: Sequence[object] | None,
-    key: str,
-    columns: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    *,
-    x: str,
-    y: str,
-    step: int,
-    title: str = "",
-    fallback_dir: str | os.PathLike | None = None,
-) -> list[str]:
-    """Log a table of points and, for W&B, a ``wandb.plot.scatter`` of column ``y`` against column ``x`` built from
-    it (key ``<key>_scatter``); other loggers get the table (:func:`~lightning_xai.viz.logging.log_table`, with
-    ``fallback_dir`` as there). Call on rank zero only. Returns the destinations written."""
-    if x not in columns or y not in columns:
-        raise ValueError(f"the scatter columns {x!r} and {y!r} must be among the table columns {list(columns)}")
-    destinations = list(log_table(loggers, key, columns, rows, step=step, fallback_dir=fallback_dir))
-    for logger in loggers or []:
-        if logger_kind(logger) == "wandb":
-            import wandb
-
-            table = wandb.Table(columns=list(columns), data=[list(r) for r in rows])
-            chart = wandb.plot.scatter(table, x, y, title=title)
-            logger.log_metrics({f"{key}_scatter": chart}, step=step)  # type: ignore[attr-defined]
-            destinations.append(f"wandb:{key}_scatter")
-    return destinations
 
 
 class EmbeddingProjector(XAICallback):

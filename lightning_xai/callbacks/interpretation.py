@@ -11,9 +11,10 @@ state and files as described there) and a thin adapter over :mod:`lightning_xai.
 keeps the old import path working.
 """
 
-from lightning_xai.callbacks.embedding import EmbeddingProjector, log_scatter
+from lightning_xai.callbacks.embedding import EmbeddingProjector
 from lightning_xai.callbacks.prototypes import ClassPrototypes
 from lightning_xai.callbacks.relevant_units import RelevantUnits
 from lightning_xai.callbacks.tcav import TCAVScores
+from lightning_xai.viz.dashboard import log_scatter  # moved to viz; the old import path keeps working
 
 __all__ = ["ClassPrototypes", "EmbeddingProjector", "RelevantUnits", "TCAVScores", "log_scatter"]
