@@ -13,6 +13,26 @@ from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "examples", "configs", "quickstart.yaml")
+CONSOLE = os.path.join(os.path.dirname(sys.executable), "lightning-xai")
+TINY_DATA = [
+    "--data.init_args.n_train=32",
+    "--data.init_args.n_val=16",
+    "--data.init_args.n_test=16",
+    "--data.init_args.image_size=32",
+    "--data.init_args.batch_size=16",
+]
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path, monkeypatch):
+    """The shipped configs write to relative paths (runs/...): keep them inside the test's folder."""
+    monkeypatch.chdir(tmp_path)
+
+
+def grid_pngs(root) -> list[str]:
+    """The explanation-grid PNG files anywhere under ``root`` (the callback chooses the sub-folder)."""
+    return [p for p in glob.glob(os.path.join(str(root), "**", "*.png"), recursive=True) if "explanations" in p]
 
 
 def fit_tiny(config: str, tmp_path):
@@ -42,17 +62,80 @@ def test_quickstart_config_fast_dev_run(tmp_path):
     assert list(monitor.attributors) == ["saliency", "integrated_gradients", "gradcam", "gradcam_plus_plus"]
     assert monitor.attributors["integrated_gradients"].steps == 32
     assert not monitor.errors, monitor.errors
-    pngs = glob.glob(str(tmp_path / "explanations" / "*.png"))
-    assert len(pngs) == 1
+    assert grid_pngs(tmp_path), "the explanation grid is written under default_root_dir"
+
+
+def console(args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``lightning-xai`` console script (as a user does) in ``cwd``."""
+    if not os.path.exists(CONSOLE):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"the console script is not installed at {CONSOLE} (pip install -e .)")
+        pytest.skip("the console script is not installed in this environment")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([CONSOLE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_console_script_help():
-    exe = os.path.join(os.path.dirname(sys.executable), "lightning-xai")
-    if not os.path.exists(exe):
-        pytest.skip("the console script is not installed in this environment")
-    out = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, timeout=120)
+    out = console(["fit", "--help"], cwd=ROOT, timeout=120)
     assert out.returncode == 0
     assert "--config" in out.stdout
+
+
+def test_console_script_exits_0_after_a_run_and_prints_no_object_repr(tmp_path):
+    out = console(["fit", "--config", QUICKSTART, "--trainer.fast_dev_run=true", "--trainer.logger=false", *TINY_DATA],
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout + out.stderr
+    assert "LightningCLI object" not in printed and "<lightning" not in printed, printed[-2000:]
+    assert grid_pngs(tmp_path / "runs" / "quickstart"), "the grid is written under the config's default_root_dir"
+
+
+def test_console_script_exits_non_zero_on_failure(tmp_path):
+    bad_attributor = console(
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--trainer.callbacks=[{class_path: lightning_xai.callbacks.ExplanationMonitor, "
+            "init_args: {attributors: [gradcamm]}}]",
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            *TINY_DATA,
+        ],
+        cwd=tmp_path,
+    )
+    assert bad_attributor.returncode == 1, bad_attributor.stderr[-3000:]
+    assert "unknown attributor 'gradcamm'" in bad_attributor.stderr
+    assert "Traceback" in bad_attributor.stderr, "a failure shows where it happened"
+
+
+def test_console_main_returns_0_and_argument_errors_exit_2(tmp_path, capsys):
+    """The console script's function, in process (the subprocess tests above cover the installed script)."""
+    from lightning_xai.cli import console_main
+
+    assert console_main(["fit", "--config", QUICKSTART, "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                         f"--trainer.default_root_dir={tmp_path}", *TINY_DATA]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["fit", "--config", QUICKSTART, "--trainer.no_such_option=1"])
+    assert exit_info.value.code == 2
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_readme_fit_then_validate_from_last_ckpt(tmp_path):
+    """The README's two CLI commands, as written (the paths in quickstart.yaml are relative to the working
+    directory): fit writes ``runs/quickstart/checkpoints/last.ckpt`` and validate loads it."""
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
+    fit = console(["fit", "--config", QUICKSTART, *short, *TINY_DATA], cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file(), sorted(str(p) for p in tmp_path.rglob("*.ckpt"))
+    validate = console(
+        ["validate", "--config", QUICKSTART, "--ckpt_path", "runs/quickstart/checkpoints/last.ckpt",
+         "--trainer.limit_val_batches=1", *TINY_DATA],
+        cwd=tmp_path,
+    )
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert "val" in validate.stdout + validate.stderr
 
 
 def test_bad_attributor_name_in_config_is_a_clear_error(tmp_path):
