@@ -3,52 +3,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_xai.attribution.layers import resolve_layer
-from lightning_xai.batch import OutputReader
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
-from lightning_xai.callbacks.probe import ProbeBatch
+from lightning_xai.callbacks.logits import probe_sample_names, recording_outputs
 from lightning_xai.checks import check_choice, check_float, check_int
-from lightning_xai.distributed import broadcast, shard_bounds
+from lightning_xai.distributed import broadcast
 from lightning_xai.interpretation.embedding import LayerReduction, layer_features, project_features
 from lightning_xai.viz.dashboard import log_scatter
 
-__all__ = ["EmbeddingProjector", "probe_sample_names", "recording_outputs"]
+__all__ = ["EmbeddingProjector"]
 
 REDUCTIONS = ("flatten", "mean", "max", "mean_square")
-
-
-@contextmanager
-def recording_outputs(model: nn.Module, reader: OutputReader) -> Iterator[list[Tensor]]:
-    """Within the block, the logits of every forward call of ``model`` are appended (detached) to the yielded list
-    - so that a pass that hooks a layer also yields the predictions, without a second forward pass."""
-    outputs: list[Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        outputs.append(reader(output).detach())
-
-    handle = model.register_forward_hook(hook)
-    try:
-        yield outputs
-    finally:
-        handle.remove()
-
-
-def probe_sample_names(probe: ProbeBatch, bad: Tensor, total: int, trainer: Any) -> list[int]:
-    """How to name this rank's real probe rows ``bad`` (a mask) in a message: their dataset indices, or their
-    positions in a given ``probe_batch`` (which has no dataset indices) of ``total`` samples."""
-    rows = bad.nonzero().reshape(-1).cpu()
-    ids = probe.sample_ids
-    if ids is not None and bool((ids[: bad.shape[0]] >= 0).all()):
-        return ids.cpu()[rows].tolist()
-    start, _, _ = shard_bounds(total, trainer.world_size, trainer.global_rank)
-    return (rows + start).tolist()
 
 
 class EmbeddingProjector(XAICallback):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_xai.batch import outputs_as_logits
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
+from lightning_xai.callbacks.logits import check_class_logits
 from lightning_xai.checks import check_int, check_optional_int
 from lightning_xai.distributed import shard_bounds
 from lightning_xai.interpretation.visualization import ActivationMaximization
@@ -177,18 +178,7 @@ class ClassPrototypes(XAICallback):
     def validate(self, trainer: Any, pl_module: Any, context: ValidationContext) -> None:
         if context.logits is None:
             return
-        if context.logits.ndim != 2:
-            raise ConfigurationError(
-                f"{self.name}: class prototypes maximise class logits [B, num_classes]; the model output has "
-                f"shape {list(context.logits.shape)} (set output_key=)"
-            )
-        num_classes = int(context.logits.shape[1])
-        bad = [c for c in self.classes or [] if c >= num_classes]
-        if bad:
-            raise ConfigurationError(
-                f"{self.name}: classes {bad} are out of range: the model has {num_classes} classes "
-                f"(valid: 0..{num_classes - 1})"
-            )
+        check_class_logits(self.name, context.logits, self.classes, "class prototypes maximise")
         if self.image_shape is not None and context.probe is not None:
             got = tuple(context.probe.inputs.shape[1:])
             if len(got) == 3 and got[0] != self.image_shape[0]:

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
-from lightning_xai.callbacks.embedding import probe_sample_names, recording_outputs
+from lightning_xai.callbacks.logits import check_class_logits, probe_sample_names, recording_outputs
 from lightning_xai.checks import check_bool, check_choice, check_int
 from lightning_xai.interpretation.relevant_units import (
     AblationReport,
@@ -151,11 +151,8 @@ class RelevantUnits(XAICallback):
                 f"{self.name}: relevant units are fitted to class labels, but the {self.split} batches have none "
                 "(set label_key=)"
             )
-        if context.logits is not None and context.logits.ndim != 2:
-            raise ConfigurationError(
-                f"{self.name}: needs class logits [B, num_classes]; the model output has shape "
-                f"{list(context.logits.shape)} (set output_key=)"
-            )
+        if context.logits is not None:
+            check_class_logits(self.name, context.logits, None, "relevant units are fitted to")
 
     # ------------------------------------------------------------------------------------------ work
     def _features(self, pl_module: Any, inputs: Tensor) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:

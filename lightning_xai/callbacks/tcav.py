@@ -12,7 +12,7 @@ from torch import Tensor
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.batch import outputs_as_logits
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
-from lightning_xai.callbacks.embedding import recording_outputs
+from lightning_xai.callbacks.logits import check_class_logits, recording_outputs
 from lightning_xai.checks import check_int
 from lightning_xai.distributed import broadcast
 from lightning_xai.interpretation.tcav import TCAV, CAVBank, TCAVResult, directional_derivatives
@@ -206,18 +206,7 @@ class TCAVScores(XAICallback):
                 f"{self.name}: the class inputs are scored for their label, but the {self.split} batches have no "
                 "labels (set label_key=)"
             )
-        if context.logits.ndim != 2:
-            raise ConfigurationError(
-                f"{self.name}: TCAV scores class logits [B, num_classes]; the model output has shape "
-                f"{list(context.logits.shape)} (set output_key=)"
-            )
-        num_classes = int(context.logits.shape[1])
-        bad = [c for c in self.classes or [] if c >= num_classes]
-        if bad:
-            raise ConfigurationError(
-                f"{self.name}: classes {bad} are out of range: the model has {num_classes} classes "
-                f"(valid: 0..{num_classes - 1})"
-            )
+        check_class_logits(self.name, context.logits, self.classes, "TCAV scores")
         if isinstance(self.concepts, list):
             self._check_concept_source(self._concept_source(context.dataset))
 
