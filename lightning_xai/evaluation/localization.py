@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_xai.checks import check_choice, check_int
 from lightning_xai.evaluation.base import PerSampleMeanMetric, descending_ranks, heatmap_batch, mask_batch
+
+_BINARIZATIONS = ("topk", "otsu")
 
 __all__ = [
     "MaskIoU",
@@ -46,12 +49,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _check_nonneg_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
 def _dilate(mask: Tensor, radius: int) -> Tensor:
     """Dilate a bool mask ``[B, H, W]`` by a Euclidean disc of ``radius`` pixels."""
     if radius == 0:
@@ -70,7 +67,7 @@ def pointing_game(attributions: Tensor, masks: Tensor, *, tolerance: int = 0) ->
     lie in the dilated mask, so a constant (uninformative) map is not rewarded. Images with an empty mask give
     ``NaN`` (excluded). Returns ``Tensor[B]`` (float32).
     """
-    _check_nonneg_int("tolerance", tolerance)
+    check_int("tolerance", tolerance, minimum=0, owner="pointing_game")
     heat = heatmap_batch(attributions)
     mask = mask_batch(masks, heat)
     flat = heat.reshape(heat.shape[0], -1)
@@ -95,7 +92,7 @@ class PointingGame(PerSampleMeanMetric):
 
     def __init__(self, tolerance: int = 0, return_per_sample: bool = False, **kwargs: object) -> None:
         super().__init__(return_per_sample=return_per_sample, **kwargs)
-        self.tolerance = _check_nonneg_int("tolerance", tolerance)
+        self.tolerance = check_int("tolerance", tolerance, minimum=0, owner=type(self).__name__)
 
     def update(self, attributions: Tensor, masks: Tensor) -> None:
         self._accumulate(pointing_game(attributions, masks, tolerance=self.tolerance))
@@ -114,8 +111,7 @@ def otsu_threshold(maps: Tensor, bins: int = 256) -> Tensor:
     class (the convention of ``skimage.filters.threshold_otsu``): foreground is ``value > threshold``. A
     constant map returns its value (so its foreground is empty).
     """
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
+    check_int("bins", bins, minimum=2, owner="otsu_threshold")
     flat = maps.reshape(maps.shape[0], -1).double()
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
@@ -153,7 +149,7 @@ def binarize_heatmap(
         thr = otsu_threshold(heat)
         return heat.double() > thr.view(-1, *([1] * (heat.ndim - 1)))
     if method != "topk":
-        raise ValueError(f"unknown binarisation {method!r}; valid: 'topk', 'otsu'")
+        check_choice("binarisation", method, _BINARIZATIONS, owner="binarize_heatmap")
     if fraction is None:
         raise ValueError("'topk' binarisation needs a fraction")
     n = heat[0].numel()
@@ -206,15 +202,16 @@ def _log_comb(n: Tensor, k: Tensor) -> Tensor:
     return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
 
 
-def _check_fraction(fraction: float | None) -> float | None:
+def _check_fraction(fraction: float | None, owner: str) -> float | None:
     if fraction is None:
         return None
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be a float in (0, 1] or None (= the mask's own area), got {fraction!r}")
+        raise ValueError(
+            f"{owner}: fraction must be a float in (0, 1] or None (= the mask's own area), got {fraction!r}"
+        )
     return float(fraction)
 
 
-_BINARIZATIONS = ("topk", "otsu")
 
 
 def mask_iou(
@@ -237,9 +234,8 @@ def mask_iou(
     choosing the tied pixels (exactly, by the hypergeometric distribution), never by their position. A constant
     map thus scores the IoU of a random selection of ``k`` pixels, wherever the mask lies.
     """
-    if binarization not in _BINARIZATIONS:
-        raise ValueError(f"unknown binarization {binarization!r}; valid: {list(_BINARIZATIONS)}")
-    fraction = _check_fraction(fraction)
+    check_choice("binarization", binarization, _BINARIZATIONS, owner="mask_iou")
+    fraction = _check_fraction(fraction, "mask_iou")
     heat = heatmap_batch(attributions)
     mask = mask_batch(masks, heat)
     area = mask.flatten(1).sum(dim=1)
@@ -282,12 +278,11 @@ class MaskIoU(PerSampleMeanMetric):
         **kwargs: object,
     ) -> None:
         super().__init__(return_per_sample=return_per_sample, **kwargs)
-        if binarization not in _BINARIZATIONS:
-            raise ValueError(f"unknown binarization {binarization!r}; valid: {list(_BINARIZATIONS)}")
+        check_choice("binarization", binarization, _BINARIZATIONS, owner=type(self).__name__)
         if binarization == "otsu" and fraction is not None:
             raise ValueError("fraction only applies to binarization='topk'")
         self.binarization = binarization
-        self.fraction = _check_fraction(fraction)
+        self.fraction = _check_fraction(fraction, type(self).__name__)
 
     def update(self, attributions: Tensor, masks: Tensor) -> None:
         self._accumulate(mask_iou(attributions, masks, binarization=self.binarization, fraction=self.fraction))

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import Target, model_state_guard, validate_target
 from lightning_xai.attribution.layers import resolve_layer
-from lightning_xai.evaluation.localization import heatmap_batch
+from lightning_xai.checks import check_choice
+from lightning_xai.evaluation.base import check_image_batch, heatmap_batch
 from lightning_xai.evaluation.scoring import AttributorSpec
 from lightning_xai.evaluation.scoring import resolve_attributor as _resolve_attributor
 from lightning_xai.evaluation.similarity import check_finite_maps, hog_pearson, spearman_correlation, ssim
@@ -90,16 +91,8 @@ def _check_measures(similarity: str | Sequence[str]) -> tuple[str, ...]:
     if not measures:
         raise ValueError(f"give at least one similarity measure of {list(SIMILARITY_MEASURES)}")
     for m in measures:
-        if m not in SIMILARITY_MEASURES:
-            raise ValueError(f"unknown similarity measure {m!r}; valid: {list(SIMILARITY_MEASURES)}")
+        check_choice("similarity measure", m, SIMILARITY_MEASURES, owner="sanity check")
     return measures
-
-
-def _check_inputs(inputs: Tensor) -> None:
-    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
-        raise TypeError("inputs must be a floating-point torch.Tensor")
-    if inputs.ndim != 4 or inputs.shape[0] == 0:
-        raise ValueError(f"inputs must be a non-empty image batch [B, C, H, W], got shape {list(inputs.shape)}")
 
 
 def _resettable(module: nn.Module) -> bool:
@@ -224,7 +217,10 @@ class RandomizationResult:
         together); independent mode requires every one of steps ``1..top_layers`` to be below. An undefined
         (``NaN``) similarity does not pass."""
         if isinstance(top_layers, bool) or not isinstance(top_layers, int) or not 1 <= top_layers <= len(self.layers):
-            raise ValueError(f"top_layers must be an integer in 1..{len(self.layers)}, got {top_layers!r}")
+            raise ValueError(
+                f"RandomizationResult.passes: top_layers must be an integer in 1..{len(self.layers)} (the number of "
+                f"randomised layers), got {top_layers!r}"
+            )
         curve = self.curve(measure)
         value = curve[top_layers] if self.mode == "cascading" else curve[1 : top_layers + 1].max()
         return bool(value < threshold)
@@ -265,8 +261,7 @@ class ModelRandomization:
         return_explanations: bool = False,
     ) -> None:
         self.attributor = _resolve_attributor(attributor)
-        if mode not in ("cascading", "independent"):
-            raise ValueError(f"unknown mode {mode!r}; valid: 'cascading', 'independent'")
+        check_choice("mode", mode, ("cascading", "independent"), owner="ModelRandomization")
         self.mode = mode
         if layers is not None:
             if isinstance(layers, (str, nn.Module)):
@@ -298,7 +293,7 @@ class ModelRandomization:
     def check(self, model: nn.Module, inputs: Tensor, target: Target | None = None) -> RandomizationResult:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_inputs(inputs)
+        check_image_batch(inputs)
         _check_target(target, inputs.shape[0])
         # Parameters copied inside inference mode would become inference tensors that autograd cannot use.
         with torch.inference_mode(False):
@@ -403,7 +398,7 @@ class DataRandomization:
             raise TypeError(f"train_fn must be a callable labels -> nn.Module, got {type(train_fn).__name__}")
         if not isinstance(labels, Tensor) or labels.ndim == 0 or labels.shape[0] < 2:
             raise ValueError("labels must be a Tensor with at least two entries along dim 0")
-        _check_inputs(inputs)
+        check_image_batch(inputs)
         _check_target(target, inputs.shape[0])
         gen = torch.Generator().manual_seed(self.seed)
         permutation = torch.randperm(labels.shape[0], generator=gen)

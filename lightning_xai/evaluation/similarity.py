@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_xai.checks import check_choice, check_int
+
 __all__ = [
     "hog_descriptor",
     "hog_features",
@@ -176,9 +178,8 @@ def hog_features(maps: Tensor, *, cell_size: int = 8, bins: int = 9) -> Tensor:
     check_finite_maps(x, names=("maps",))
     if x.shape[1] != 1:
         raise ValueError(f"hog_features expects single-channel maps, got {x.shape[1]} channels")
-    for name, value, minimum in (("cell_size", cell_size, 1), ("bins", bins, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int("cell_size", cell_size, minimum=1, owner="hog_features")
+    check_int("bins", bins, minimum=1, owner="hog_features")
     x = x[:, 0]
     bsz, h, w = x.shape
     cy, cx = h // cell_size, w // cell_size
@@ -223,10 +224,8 @@ def hog_descriptor(
     ``v / (|v|_1 + eps)``; ``"L1-sqrt"`` its square root; ``"L2"`` ``v / sqrt(|v|_2^2 + eps^2)``; ``"L2-Hys"``
     L2, clipped at 0.2, then L2 again (the default, as in Dalal & Triggs and scikit-image).
     """
-    if block_norm not in HOG_BLOCK_NORMS:
-        raise ValueError(f"hog_descriptor: unknown block_norm {block_norm!r}; valid values: {list(HOG_BLOCK_NORMS)}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"hog_descriptor: block_size must be an integer >= 1, got {block_size!r}")
+    check_choice("block_norm", block_norm, HOG_BLOCK_NORMS, owner="hog_descriptor")
+    check_int("block_size", block_size, minimum=1, owner="hog_descriptor")
     cells = hog_features(maps, cell_size=cell_size, bins=bins)
     _, cy, cx, _ = cells.shape
     if cy < block_size or cx < block_size:
