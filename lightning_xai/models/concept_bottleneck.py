@@ -57,13 +57,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
-from torchmetrics.utilities import dim_zero_cat
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.checks import check_int
 from lightning_xai.distributed import gather_rows, sum_over_ranks
+from lightning_xai.evaluation.concepts import ConceptAUROC, auc_matrix
 from lightning_xai.models.backbones import build_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.namespace import pl
@@ -112,56 +112,6 @@ def column_quantiles(values: Tensor, q: Sequence[float]) -> Tensor:
 def _binary_entropy(probabilities: Tensor) -> Tensor:
     p = probabilities.clamp(1e-7, 1 - 1e-7)
     return -(p * p.log() + (1 - p) * (1 - p).log())
-
-
-def auc_matrix(scores: Tensor, labels: Tensor) -> Tensor:
-    """ROC AUC ``[C, K]`` of every score column ``scores [N, C]`` as a detector of every label ``labels [N, K]``.
-
-    The Mann-Whitney statistic with average ranks for ties (so a constant score has AUC 0.5); NaN for a label
-    column without positives or without negatives.
-    """
-    if scores.ndim != 2 or labels.ndim != 2 or scores.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"scores [N, C] and labels [N, K] must share N, got {tuple(scores.shape)} / {tuple(labels.shape)}"
-        )
-    s = scores.double().mT.contiguous()  # [C, N]
-    ordered = s.sort(dim=1).values
-    low = torch.searchsorted(ordered, s, right=False)
-    high = torch.searchsorted(ordered, s, right=True)
-    ranks = (low + high + 1).double() / 2  # 1-based average rank of every value in its column
-    positive = labels.double()
-    n_pos = positive.sum(dim=0)  # [K]
-    n_neg = labels.shape[0] - n_pos
-    rank_sums = ranks @ positive  # [C, K]
-    auc = (rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, math.nan)).float()
-
-
-class ConceptAUROC(Metric):
-    """Per-column ROC AUC ``[k]``: score column ``j`` as a detector of binary label column ``j``.
-
-    The exact AUC of :func:`auc_matrix` (ties count one half; NaN for a column without positives or without
-    negatives, instead of torchmetrics' 0) on raw scores (logits or activations, never squashed into ties by a
-    sigmoid). Scores and labels are kept (``"cat"`` states) and gathered across DDP ranks by torchmetrics.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, scores: Tensor, labels: Tensor) -> None:
-        if scores.shape != labels.shape or scores.ndim != 2:
-            raise ValueError(
-                f"scores and labels must both be [N, k], got {tuple(scores.shape)} / {tuple(labels.shape)}"
-            )
-        self.scores.append(scores.detach().float())
-        self.labels.append(labels.detach().float())
-
-    def compute(self) -> Tensor:
-        return auc_matrix(dim_zero_cat(self.scores), dim_zero_cat(self.labels)).diagonal()
 
 
 @dataclass

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import Metric
 
+from lightning_xai.evaluation.concepts import SetIoU, set_iou_counts
 from lightning_xai.interpretation.quantiles import QuantileSketch, default_reducer
 from lightning_xai.models.activations import as_activation_batch
 from lightning_xai.models.base import XAIModule
@@ -65,7 +65,6 @@ from lightning_xai.namespace import pl
 __all__ = ["ConceptMaskDataModule", "Net2Vec", "SetIoU", "set_iou_counts"]
 
 #: Upsampled values processed at once in evaluation (bounds the memory of ``[b, K, H, W]``).
-CHUNK_ELEMENTS = 2**22
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
@@ -157,77 +156,6 @@ class ConceptMaskDataModule(pl.LightningDataModule):
 
 
 # ---------------------------------------------------------------------------------------------------------- metric
-def set_iou_counts(
-    concept_logits: Tensor, filter_maps: Tensor | None, thresholds: Tensor | None, masks: Tensor
-) -> dict[str, Tensor]:
-    """Set-IoU counts of one batch (sums over its pixels), float64:
-
-    ``net2vec_inter [C]``, ``net2vec_union [C]`` of ``concept_logits > 0`` (``[B, C, H, W]``, at mask resolution)
-    against ``masks``; with ``filter_maps`` (``[B, K, h, w]``) and ``thresholds [K]`` also ``single_inter [K, C]``,
-    ``single_area [K]`` of ``upsample(filter_maps) > thresholds`` (bilinear, ``align_corners=False``), and
-    ``concept_area [C]``.
-    """
-    truth = masks.to(concept_logits.device) != 0
-    pred = concept_logits > 0
-    counts = {
-        "net2vec_inter": (pred & truth).sum(dim=(0, 2, 3)).double(),
-        "net2vec_union": (pred | truth).sum(dim=(0, 2, 3)).double(),
-        "concept_area": truth.sum(dim=(0, 2, 3)).double(),
-    }
-    if filter_maps is not None and thresholds is not None:
-        size = tuple(masks.shape[-2:])
-        batch, units = filter_maps.shape[:2]
-        per_image = units * size[0] * size[1]
-        step = max(1, CHUNK_ELEMENTS // per_image)
-        inter = torch.zeros(units, truth.shape[1], dtype=torch.float64, device=filter_maps.device)
-        area = torch.zeros(units, dtype=torch.float64, device=filter_maps.device)
-        t = thresholds.to(filter_maps.device, torch.float32).view(1, -1, 1, 1)
-        for start in range(0, batch, step):
-            chunk = slice(start, start + step)
-            up = F.interpolate(filter_maps[chunk].float(), size=size, mode="bilinear", align_corners=False)
-            fires = (up > t).flatten(2).float()  # [b, K, HW]
-            concepts = truth[chunk].flatten(2).float().to(fires.device)  # [b, C, HW]
-            area += fires.sum(dim=(0, 2)).double()
-            inter += torch.bmm(fires, concepts.transpose(1, 2)).sum(dim=0).double()
-        counts["single_inter"] = inter
-        counts["single_area"] = area
-    return counts
-
-
-class SetIoU(Metric):
-    """Dataset-level IoU of Net2Vec's concept masks and of every single filter (see the module docstring)."""
-
-    full_state_update = False
-
-    def __init__(self, num_filters: int, num_concepts: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        c, k = num_concepts, num_filters
-        self.add_state("net2vec_inter", torch.zeros(c, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("net2vec_union", torch.zeros(c, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("concept_area", torch.zeros(c, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("single_inter", torch.zeros(k, c, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("single_area", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("with_single", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, counts: dict[str, Tensor]) -> None:
-        for name, value in counts.items():
-            setattr(self, name, getattr(self, name) + value.to(self.device))
-        if "single_inter" in counts:
-            self.with_single += 1
-
-    def compute(self) -> dict[str, Tensor]:
-        """``net2vec_iou [C]``, ``concept_present [C]`` (bool) and, when single-filter counts were given on
-        every update, ``single_iou [K, C]``, ``best_filter [C]`` and ``best_single_iou [C]``."""
-        out = {
-            "net2vec_iou": self.net2vec_inter / self.net2vec_union.clamp_min(1),
-            "concept_present": self.concept_area > 0,
-        }
-        if float(self.with_single) > 0:
-            union = self.single_area[:, None] + self.concept_area[None, :] - self.single_inter
-            single = self.single_inter / union.clamp_min(1)
-            best, best_filter = single.max(dim=0)
-            out.update(single_iou=single, best_filter=best_filter, best_single_iou=best)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------------- module

@@ -34,9 +34,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import Metric
-from torchmetrics.classification import MultilabelAUROC
 
+from lightning_xai.evaluation.concepts import ConceptProbeMetrics
 from lightning_xai.interpretation.quantiles import default_reducer
 from lightning_xai.models.activations import as_activation_batch, find_activation_source
 from lightning_xai.models.base import XAIModule
@@ -99,40 +98,6 @@ class LinearConceptProbes(nn.Module):
         """Unit concept directions ``[num_concepts, num_features]`` (a zero row stays zero)."""
         w = self.weight.detach()
         return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-class ConceptProbeMetrics(Metric):
-    """Per-concept confusion counts at ``sigmoid(logit) > 0.5`` -> balanced accuracy; exact ROC AUC."""
-
-    full_state_update = False
-
-    def __init__(self, num_concepts: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        for name in ("tp", "fn", "tn", "fp"):
-            self.add_state(name, torch.zeros(num_concepts, dtype=torch.float64), dist_reduce_fx="sum")
-        self.auroc = MultilabelAUROC(num_labels=num_concepts, average=None, thresholds=None)
-
-    def update(self, logits: Tensor, targets: Tensor) -> None:
-        pred = logits.detach() > 0
-        truth = targets.detach() > 0.5
-        self.tp += (pred & truth).sum(dim=0)
-        self.fn += (~pred & truth).sum(dim=0)
-        self.tn += (~pred & ~truth).sum(dim=0)
-        self.fp += (pred & ~truth).sum(dim=0)
-        self.auroc.update(logits.detach().float(), truth.long())
-
-    def compute(self) -> dict[str, Tensor]:
-        positives, negatives = self.tp + self.fn, self.tn + self.fp
-        valid = (positives > 0) & (negatives > 0)
-        bacc = 0.5 * (self.tp / positives.clamp_min(1) + self.tn / negatives.clamp_min(1))
-        bacc = torch.where(valid, bacc, torch.full_like(bacc, float("nan")))
-        auroc = self.auroc.compute().double().to(bacc.device)
-        auroc = torch.where(valid, auroc, torch.full_like(auroc, float("nan")))
-        return {"bacc": bacc, "auroc": auroc}
-
-    def reset(self) -> None:
-        super().reset()
-        self.auroc.reset()
 
 
 class _ProbeHead:
