@@ -379,7 +379,8 @@ def test_render_unit_overlays_the_thresholded_mask():
         inside = tile[masks[i, 2].numpy()]
         outside = tile[~masks[i, 2].numpy()]
         assert (inside[:, 0] - inside[:, 2]).min() > 20  # coloured (warm end of the colormap) where it fires
-        assert np.array_equal(outside[:, 0], outside[:, 2])  # plain gray elsewhere
+        # plain gray elsewhere (matplotlib's inferno starts at (0, 0, 4): half of it tints blue by 2 at most)
+        assert np.abs(outside[:, 0] - outside[:, 2]).max() <= 2 and np.array_equal(outside[:, 0], outside[:, 1])
 
 
 def test_result_summaries_on_a_hand_made_result():
