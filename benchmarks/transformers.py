@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-import lightning_xai.attribution.attention  # noqa: F401  (registers the attention methods by name)
+import lightning_xai.attribution.attention  # these imports register the methods by name
+import lightning_xai.attribution.lrp.transformer
+import lightning_xai.attribution.token_surrogate  # noqa: F401
 from lightning_xai.attribution.base import build_attributor
 from lightning_xai.attribution.tokens import embedding_swap
 from lightning_xai.models.transformers import TextTransformer, vit_tiny
@@ -54,6 +56,8 @@ def vit_cases() -> list[Case]:
         ),
         Case("AttentionRollout", {"name": "attention_rollout"}, unit="fwd"),
         Case("TransformerAttribution", {"name": "transformer_attribution"}),
+        Case("AttnLRP", {"name": "attnlrp"}),
+        Case("CP-LRP", {"name": "attnlrp", "attention_rule": "cp"}),
         Case("GradCAM (token layer, reshape)", {"name": "gradcam", "layer": "encoder.layers.encoder_layer_3.ln_1"}),
     ]
 
@@ -76,6 +80,15 @@ def text_cases(length: int) -> list[Case]:
         ),
         Case("AttentionRollout", {"name": "attention_rollout"}, unit="fwd"),
         Case("TransformerAttribution", {"name": "transformer_attribution"}),
+        Case("AttnLRP", {"name": "attnlrp", "embedding": "embedding"}),
+        Case("CP-LRP", {"name": "attnlrp", "attention_rule": "cp", "embedding": "embedding"}),
+        Case("TokenLIME (256 samples)", {"name": "token_lime", "num_samples": 256, **skip}, unit="fwd", units=256),
+        Case(
+            "TokenKernelSHAP (256 samples)",
+            {"name": "token_kernel_shap", "num_samples": 256, **skip},
+            unit="fwd",
+            units=256,
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_xai.attribution.attention import AttentionRollout, TransformerAttribution
 from lightning_xai.attribution.base import ATTRIBUTORS, build_attributor
+from lightning_xai.attribution.lrp.transformer import AttnLRP
 from lightning_xai.attribution.token_surrogate import TokenKernelSHAP, TokenLIME
 from lightning_xai.attribution.tokens import (
     TokenInputXGradient,
@@ -247,6 +248,7 @@ def _methods() -> list:
         TokenKernelSHAP(num_samples=16, batch_size=5, skip_tokens=[PAD_TOKEN]),
         AttentionRollout(),
         TransformerAttribution(),
+        AttnLRP(embedding="embedding"),
     ]
 
 
@@ -324,10 +326,12 @@ def _mass_and_pointing(scores: torch.Tensor, masks: torch.Tensor) -> tuple[float
         (TokenOcclusion(mask_token=MASK_TOKEN, skip_tokens=[PAD_TOKEN]), 0.4, 0.5),
         (TokenKernelSHAP(mask_token=MASK_TOKEN, num_samples=64, skip_tokens=[PAD_TOKEN]), 0.4, 0.6),
         (TokenLIME(mask_token=MASK_TOKEN, num_samples=64, skip_tokens=[PAD_TOKEN]), 0.4, 0.6),
+        (AttnLRP(embedding="embedding"), 0.6, 0.8),
+        (AttnLRP(attention_rule="cp", embedding="embedding"), 0.6, 0.8),
         (AttentionRollout(), 0.25, 0.7),
         (TransformerAttribution(), 0.3, 0.5),
     ],
-    ids=lambda v: type(v).__name__ if not isinstance(v, float) else str(v),
+    ids=lambda v: str(v) if isinstance(v, float) else getattr(v, "attention_rule", type(v).__name__),
 )
 def test_token_attributions_point_at_the_planted_keys(trained_text_model, method, min_mass, min_pointing):
     model, test = trained_text_model

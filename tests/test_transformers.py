@@ -361,3 +361,99 @@ def test_attention_methods_rerun_with_autograd_when_a_fused_path_skipped_the_mod
     assert torch.allclose(result, 0.5 * probs[:, 0] + 0.5 * torch.eye(4)[0], atol=1e-6)
     assert TransformerAttribution()(model, x, 0).shape == (2, 4)
     assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AttnLRP / CP-LRP
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bias_free_vit(depth: int = 3) -> nn.Module:
+    """A small ViT whose additive parameters (biases, LayerNorm shifts, position embedding, class token) are 0, so
+    that a conservative LRP must give the pixels exactly the logit (torchvision zero-inits the head: randomise)."""
+    from lightning_xai.attribution.lrp.transformer import AttnLRP  # noqa: F401  (registers "attnlrp")
+
+    torch.manual_seed(0)
+    vit = vit_tiny(image_size=32, patch_size=8, depth=depth).eval()
+    with torch.no_grad():
+        vit.heads.head.weight.normal_()
+        for name, p in vit.named_parameters():
+            if name.endswith("bias") or name.endswith("pos_embedding") or name == "class_token":
+                p.zero_()
+    return vit
+
+
+def test_cp_lrp_conserves_the_logit_exactly_on_a_bias_free_vit():
+    from lightning_xai.attribution.lrp.transformer import AttnLRP
+
+    vit = _bias_free_vit()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = vit(x)[:, 2]
+    relevance = AttnLRP(attention_rule="cp")(vit, x, 2)
+    assert relevance.shape == x.shape
+    assert torch.allclose(relevance.flatten(1).sum(1), logits, rtol=1e-4, atol=1e-5)
+    # the plain gradient x input does not conserve (LayerNorm is scale invariant, GELU is not homogeneous)
+    xi = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(vit(xi)[:, 2].sum(), xi)
+    assert ((xi * grad).flatten(1).sum(1) - logits).abs().max() > 1e-2 * logits.abs().max()
+
+
+def test_attnlrp_rules_one_by_one():
+    from lightning_xai.attribution.lrp.transformer import AttnLRP
+
+    torch.manual_seed(0)
+    # LayerNorm (std constant) and GELU (identity rule) conserve on a bias-free stack; plain gradient x input not
+    mlp = nn.Sequential(
+        nn.Linear(6, 8, bias=False), nn.LayerNorm(8, bias=False), nn.GELU(), nn.Linear(8, 3, bias=False)
+    )
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        logits = mlp(x)[:, 1]
+    assert torch.allclose(AttnLRP()(mlp, x, 1).sum(1), logits, atol=1e-5)
+    # one attention layer (no residual) with Q = K = 0: the scores are 0, so the softmax rule passes nothing and
+    # the uniform rule gives the values half the relevance: AttnLRP = CP-LRP / 2, and CP-LRP conserves
+    layer = _OneLayerAttention().eval()
+    with torch.no_grad():
+        layer.attention.in_proj_weight[:8].zero_()
+        layer.attention.in_proj_bias.zero_()
+        layer.attention.out_proj.bias.zero_()
+        layer.head.bias.zero_()
+    z = torch.randn(2, 5, 4)
+    cp = AttnLRP(attention_rule="cp")(layer, z, 0)
+    with torch.no_grad():
+        assert torch.allclose(cp.flatten(1).sum(1), layer(z)[:, 0], atol=1e-5)
+    assert torch.allclose(AttnLRP()(layer, z, 0), cp / 2, atol=1e-6)
+    # the softmax rule R_in = x * (R_out - s * sum(R_out)) is gradient x input through the softmax
+    scores = torch.randn(3, 5, requires_grad=True)
+    s = scores.softmax(-1)
+    r_out = torch.randn(3, 5)
+    (grad,) = torch.autograd.grad(s, scores, r_out / s.detach())
+    expected = scores.detach() * (r_out - s.detach() * r_out.sum(-1, keepdim=True))
+    assert torch.allclose(scores.detach() * grad, expected, atol=1e-6)
+
+
+def test_attnlrp_keeps_the_contract_and_explains_tokens():
+    from lightning_xai.attribution.base import build_attributor
+    from lightning_xai.attribution.lrp.transformer import AttnLRP
+
+    vit = vit_tiny(image_size=32, patch_size=8)
+    put_in_train_mode_with_grads(vit)
+    before = snapshot(vit)
+    x = torch.rand(2, 3, 32, 32)
+    plain = build_attributor({"name": "attnlrp"})(vit, x, 1)
+    with torch.inference_mode():
+        under_inference = AttnLRP()(vit, x.clone(), 1)
+    assert torch.equal(plain, under_inference)
+    assert_unchanged(vit, before)
+    text = TextTransformer(20, 3, max_len=6).eval()
+    ids = torch.randint(0, 20, (2, 6))
+    with torch.no_grad():
+        relevance = AttnLRP(attention_rule="cp", embedding="embedding")(text, ids, 0)
+    assert relevance.shape == (2, 6)
+    with pytest.raises(ValueError, match="pass embedding="):
+        AttnLRP()(text, ids, 0)
+    with pytest.raises(ValueError, match="no rule for \\['BatchNorm1d'\\]"):
+        AttnLRP()(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(3, 4), 0)
+    with pytest.raises(ValueError, match="AttnLRP: unknown attention_rule"):
+        AttnLRP(attention_rule="gamma")

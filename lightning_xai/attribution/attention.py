@@ -45,11 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import Attributor, Target, gradient_context, model_state_guard, select_scores
-from lightning_xai.attribution.base import validate_target as _validate_target
+from lightning_xai.attribution.base import Attributor, Target, select_scores
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.attribution.token_grid import UPSAMPLE_MODES, check_reshape, grid_to_image, infer_grid
-from lightning_xai.attribution.tokens import validate_token_batch
+from lightning_xai.attribution.tokens import run_on_tokens
 from lightning_xai.checks import check_choice, check_float, check_optional_int
 
 __all__ = [
@@ -75,6 +74,19 @@ class AttentionRecord:
     probs: Tensor
 
 
+class _HalfGradient(torch.autograd.Function):
+    """Identity forward, gradient halved backward: after a product of two inputs, each receives half of the
+    relevance (the uniform rule in the gradient x input form of LRP)."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad / 2
+
+
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A boolean mask (True = not allowed) as an additive ``-inf`` mask; a float mask as it is."""
     if mask.dtype == torch.bool:
@@ -90,9 +102,18 @@ def attention_forward(
     key_padding_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
+    relevance_rule: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``module``'s attention output (its own layout) and the probabilities ``[B, heads, T, S]``, computed as
-    ``nn.MultiheadAttention`` computes them in eval mode (no dropout), with the probabilities materialised."""
+    ``nn.MultiheadAttention`` computes them in eval mode (no dropout), with the probabilities materialised.
+
+    ``relevance_rule`` changes only the backward pass, for LRP as a modified gradient (the forward values are the
+    same): ``"attnlrp"`` halves the gradient after both matrix products ``Q K^T`` and ``P V`` (the uniform rule of
+    AttnLRP for bilinear products; the softmax's plain gradient times its input is AttnLRP's softmax rule);
+    ``"cp"`` treats the probabilities as constants in ``P V`` (CP-LRP, Ali et al., ICML 2022). ``None``: the
+    plain gradient."""
+    if relevance_rule not in (None, "attnlrp", "cp"):
+        raise ValueError(f"unknown relevance_rule {relevance_rule!r}; valid values: [None, 'attnlrp', 'cp']")
     if module.bias_k is not None or module.add_zero_attn:
         raise ValueError("attention with bias_k / bias_v or add_zero_attn is not supported by the attention methods")
     unbatched = query.ndim == 2
@@ -118,7 +139,10 @@ def attention_forward(
     q = F.linear(query, w_q, b_q).view(batch, tgt, heads, head_dim).transpose(1, 2)
     k = F.linear(key, w_k, b_k).view(batch, src, heads, head_dim).transpose(1, 2)
     v = F.linear(value, w_v, b_v).view(batch, src, heads, head_dim).transpose(1, 2)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)  # [B, h, T, S]
+    scores = q @ k.transpose(-2, -1)
+    if relevance_rule == "attnlrp":
+        scores = _HalfGradient.apply(scores)
+    scores = scores / math.sqrt(head_dim)  # [B, h, T, S]
     if attn_mask is None and is_causal:
         attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=scores.device).triu(1)
     if attn_mask is not None:
@@ -127,7 +151,10 @@ def attention_forward(
     if key_padding_mask is not None:
         scores = scores + _additive(key_padding_mask, scores.dtype)[:, None, None, :]
     probs = scores.softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(batch, tgt, embed)
+    mixed = (probs.detach() if relevance_rule == "cp" else probs) @ v
+    if relevance_rule == "attnlrp":
+        mixed = _HalfGradient.apply(mixed)
+    out = mixed.transpose(1, 2).reshape(batch, tgt, embed)
     out = F.linear(out, module.out_proj.weight, module.out_proj.bias)
     if unbatched:
         out = out.squeeze(0)
@@ -154,13 +181,13 @@ def _attention_modules(model: nn.Module, modules: Sequence[str | nn.Module] | No
 
 @contextlib.contextmanager
 def capture_attention(
-    model: nn.Module, modules: Sequence[str | nn.Module] | None = None
+    model: nn.Module, modules: Sequence[str | nn.Module] | None = None, *, relevance_rule: str | None = None
 ) -> Iterator[list[AttentionRecord]]:
     """Record the attention probabilities of every call of the attention modules while the context is open.
 
     ``modules``: dotted names (or modules) of ``nn.MultiheadAttention`` layers; ``None`` = all of them. Yields the
     list of :class:`AttentionRecord`, in call order (one per call). See the module docstring for how; the hooks
-    are removed on exit, also on error.
+    are removed on exit, also on error. ``relevance_rule``: see :func:`attention_forward`.
     """
     records: list[AttentionRecord] = []
 
@@ -170,7 +197,14 @@ def capture_attention(
             bound.apply_defaults()
             a = bound.arguments
             out, probs = attention_forward(
-                module, a["query"], a["key"], a["value"], a["key_padding_mask"], a["attn_mask"], a["is_causal"]
+                module,
+                a["query"],
+                a["key"],
+                a["value"],
+                a["key_padding_mask"],
+                a["attn_mask"],
+                a["is_causal"],
+                relevance_rule=relevance_rule,
             )
             records.append(AttentionRecord(name, probs))
             weights = None
@@ -269,15 +303,7 @@ class _AttentionMethod(Attributor):
         self, model: nn.Module, inputs: Tensor, target: Target, fn: Callable[[nn.Module, Tensor, Target], _T]
     ) -> _T:
         if isinstance(inputs, Tensor) and not inputs.is_floating_point():
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
-            validate_token_batch(inputs, type(self).__name__)
-            if not callable(target):
-                _validate_target(target, inputs.shape[0], None)
-            with model_state_guard(model), gradient_context():
-                if isinstance(target, Tensor):
-                    target = target.detach().clone().to(inputs.device)
-                return fn(model, inputs.detach().clone(), target)
+            return run_on_tokens(type(self).__name__, model, inputs, target, fn)
         return super().run_in_context(model, inputs, target, fn)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Target) -> Tensor:

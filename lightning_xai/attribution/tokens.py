@@ -55,6 +55,7 @@ __all__ = [
     "TokenOcclusion",
     "TokenSaliency",
     "embedding_swap",
+    "run_on_tokens",
     "validate_token_batch",
 ]
 
@@ -83,6 +84,24 @@ def _chunk_target(target: Target, index: Tensor | slice) -> Target:
     return target
 
 
+def run_on_tokens(
+    method: str, model: nn.Module, inputs: Tensor, target: Target, fn: Callable[[nn.Module, Tensor, Target], _T]
+) -> _T:
+    """``fn(model, ids, target)`` for token-id inputs, in the no-side-effect context of
+    :meth:`~lightning_xai.attribution.base.Attributor.run_in_context` (checks, eval mode, state restored,
+    autograd enabled also under ``no_grad`` / ``inference_mode``); ``ids`` is a copy of ``inputs``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{method}: model must be a torch.nn.Module, got {type(model).__name__}")
+    validate_token_batch(inputs, method)
+    if not callable(target):
+        validate_target(target, inputs.shape[0], None)
+    with model_state_guard(model), gradient_context():
+        ids = inputs.detach().clone()
+        if isinstance(target, Tensor):
+            target = target.detach().clone().to(ids.device)
+        return fn(model, ids, target)
+
+
 class TokenAttributor(Attributor):
     """Base of the methods that explain token-id inputs ``LongTensor[B, T]`` (not registered).
 
@@ -97,16 +116,7 @@ class TokenAttributor(Attributor):
     def run_in_context(
         self, model: nn.Module, inputs: Tensor, target: Target, fn: Callable[[nn.Module, Tensor, Target], _T]
     ) -> _T:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}")
-        validate_token_batch(inputs, type(self).__name__)
-        if not callable(target):
-            validate_target(target, inputs.shape[0], None)
-        with model_state_guard(model), gradient_context():
-            ids = inputs.detach().clone()
-            if isinstance(target, Tensor):
-                target = target.detach().clone().to(ids.device)
-            return fn(model, ids, target)
+        return run_on_tokens(type(self).__name__, model, inputs, target, fn)
 
     def skipped(self, ids: Tensor) -> Tensor:
         """``bool[B, T]``: positions holding a ``skip_tokens`` id (never perturbed, attribution 0)."""
