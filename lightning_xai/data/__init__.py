@@ -1,6 +1,9 @@
 """Datasets with ground truth and LightningDataModules (generated or bundled: nothing is downloaded)."""
 
+from lightning_xai.data.activation_source import ActivationBatch, ActivationSource
+from lightning_xai.data.activations import ActivationCache, ActivationDataModule
 from lightning_xai.data.base import InMemoryDataModule, derive_seeds
+from lightning_xai.data.concept_masks import ConceptMaskDataModule
 from lightning_xai.data.concepts import (
     CONCEPT_CATEGORIES,
     CONCEPT_NAMES,
@@ -14,7 +17,12 @@ from lightning_xai.data.groundtruth import GroundTruthDataModule, GroundTruthSha
 __all__ = [
     "CONCEPT_CATEGORIES",
     "CONCEPT_NAMES",
+    "ActivationBatch",
+    "ActivationCache",
+    "ActivationDataModule",
+    "ActivationSource",
     "ConceptDataModule",
+    "ConceptMaskDataModule",
     "ConceptScenes",
     "DigitsDataModule",
     "GroundTruthDataModule",

@@ -1,0 +1,442 @@
+"""Activations of a frozen model's layer as training data: the source (which layer, which vectors) and the batch.
+
+See :mod:`lightning_xai.data.activations` for the overview (source, on-disk cache, datamodule). This module holds
+:class:`ActivationSource` (a frozen model and a layer named by dotted path, read in eval mode under ``no_grad``,
+turned into vectors by ``spatial``), :class:`ActivationBatch` and the helpers the post-hoc modules use to read
+batches. Formerly part of ``lightning_xai.models.activations``, which re-exports every name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.distributed import Reducer, default_reducer
+
+__all__ = [
+    "CACHE_DTYPES",
+    "SPATIAL_MODES",
+    "ActivationBatch",
+    "ActivationSource",
+    "as_activation_batch",
+    "find_activation_source",
+    "load_weights",
+    "model_fingerprint",
+]
+
+
+SPATIAL_MODES = ("positions", "flatten", "pool", "maps")
+
+
+CACHE_DTYPES = ("float32", "float16")
+
+
+CACHE_FORMAT = 1
+
+
+class _StopForward(BaseException):
+    """Raised by a hook to end the forward pass after the layer's last call (a ``BaseException`` so that a
+    model's own ``except Exception`` cannot swallow it)."""
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 (hex) of the model's state dict: every name, dtype, shape and value (parameters and buffers).
+
+    Identical weights give identical fingerprints on any device; used to tell whether an activation cache was
+    written by this very model.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, Tensor):
+            continue
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state dict file into ``model`` (strict): a ``torch.save``-d state dict, or a Lightning checkpoint
+    (its ``"state_dict"``). When the keys only match after removing a common prefix (``"backbone."`` of an
+    :class:`~lightning_xai.models.ImageClassifier` checkpoint, ``"model."``), the prefix is removed."""
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {str(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict or a Lightning checkpoint")
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        prefixes = {key.split(".", 1)[0] + "." for key in state if "." in key}
+        for prefix in sorted(prefixes):
+            stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if set(stripped) == expected:
+                state = stripped
+                break
+    model.load_state_dict(state, strict=True)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+class ActivationSource(nn.Module):
+    """A frozen model and one of its layers, read as training vectors (see the module docstring).
+
+    Args:
+        model: the trained network (any ``nn.Module`` mapping images to outputs); used read-only.
+        layer: dotted module name as in ``model.named_modules()``; a wrong name raises a ``ValueError`` listing
+            close matches. For a module called more than once per forward pass the last call is used.
+        spatial: ``"positions"``, ``"flatten"``, ``"pool"`` or ``"maps"`` (module docstring).
+        normalize: scale vectors to a mean L2 norm of ``sqrt(d)`` (the factor is :attr:`scale`, estimated by
+            :meth:`estimate_scale`; until then it is 1).
+        weights: optional path of a state dict / Lightning checkpoint loaded into ``model`` (:func:`load_weights`).
+        stop_at_layer: end the forward pass after the layer (learned on the first batch: how often it is called).
+
+    ``source(images)`` returns the (scaled) vectors, detached; :meth:`layer_output` the raw layer output.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        spatial: str = "positions",
+        normalize: bool = False,
+        weights: str | None = None,
+        stop_at_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if spatial not in SPATIAL_MODES:
+            raise ValueError(f"unknown spatial mode {spatial!r}; valid modes: {list(SPATIAL_MODES)}")
+        _check_bool("normalize", normalize)
+        _check_bool("stop_at_layer", stop_at_layer)
+        if weights is not None:
+            load_weights(model, weights)
+        self.layer, _ = resolve_layer(model, layer)
+        self.model = model
+        self.spatial = spatial
+        self.normalize = normalize
+        self.stop_at_layer = stop_at_layer
+        #: Multiplies every vector (1 until :meth:`estimate_scale`, always 1 without ``normalize``).
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("scale_estimated", torch.zeros((), dtype=torch.bool))
+        self._calls: int | None = None  # calls of the layer per forward pass, learned on the first batch
+        self._layer_shape: tuple[int, ...] | None = None  # [C, h, w] or [D] of the last batch
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, spatial={self.spatial!r}, normalize={self.normalize}"
+
+    def train(self, mode: bool = True) -> ActivationSource:
+        """Only this wrapper's flag changes: the frozen model's modes are its own (extraction runs in eval)."""
+        self.training = mode
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
+    # ------------------------------------------------------------------------------------------ reading
+    def layer_output(self, images: Tensor) -> Tensor:
+        """The layer's raw output for ``images`` (moved to the model's device), detached.
+
+        Eval mode, ``no_grad``; the model's modes, ``requires_grad`` and ``.grad`` are restored and the hooks
+        removed afterwards, also on error.
+        """
+        if not isinstance(images, Tensor) or not images.is_floating_point():
+            got = images.dtype if isinstance(images, Tensor) else type(images).__name__
+            raise TypeError(f"images must be a floating-point tensor [B, C, H, W], got {got}")
+        images = images.to(_model_device(self.model))
+        stop_early = self.stop_at_layer and self._calls is not None
+        with (
+            torch.no_grad(),
+            model_state_guard(self.model),
+            capture_layer(self.model, self.layer, clone_output=not stop_early) as capture,
+        ):
+            handle = None
+            if stop_early:
+                calls = self._calls
+
+                def stop(_module: nn.Module, _inputs: tuple, _output: Any) -> None:
+                    if len(capture.outputs) >= calls:
+                        raise _StopForward
+
+                handle = capture.module.register_forward_hook(stop)
+            try:
+                self.model(images)
+            except _StopForward:
+                pass
+            finally:
+                if handle is not None:
+                    handle.remove()
+            activation = capture.activation
+            if self._calls is None:
+                self._calls = len(capture.outputs)
+        if activation.shape[0] != images.shape[0] or activation.ndim < 2:
+            raise ValueError(
+                f"layer {self.layer!r} outputs shape {list(activation.shape)}; expected [B, C, ...] with "
+                f"B = {images.shape[0]}"
+            )
+        self._layer_shape = tuple(activation.shape[1:])
+        return activation.detach()
+
+    def to_vectors(self, activation: Tensor, *, scaled: bool = True) -> Tensor:
+        """Raw layer output ``[B, C, ...]`` -> training vectors of the ``spatial`` mode (times ``scale``)."""
+        if activation.ndim == 2:
+            if self.spatial == "maps":
+                raise ValueError(f"spatial='maps' needs a layer with feature maps; {self.layer!r} outputs [B, D]")
+            vectors = activation
+        elif self.spatial == "positions":
+            vectors = activation.flatten(2).transpose(1, 2).reshape(-1, activation.shape[1])
+        elif self.spatial == "flatten":
+            vectors = activation.flatten(1)
+        elif self.spatial == "pool":
+            vectors = activation.flatten(2).mean(dim=2)
+        else:
+            vectors = activation
+        if scaled and self.normalize:
+            vectors = vectors * self.scale.to(vectors.device, vectors.dtype)
+        return vectors
+
+    def from_vectors(self, vectors: Tensor, shape: Sequence[int], *, scaled: bool = True) -> Tensor:
+        """Inverse of :meth:`to_vectors`: vectors back to a layer output of ``shape`` (divided by ``scale``).
+
+        Not available for ``spatial="pool"`` (an average cannot be undone).
+        """
+        shape = tuple(shape)
+        if scaled and self.normalize:
+            vectors = vectors / self.scale.to(vectors.device, vectors.dtype)
+        if len(shape) == 2 or self.spatial in ("flatten", "maps"):
+            return vectors.reshape(shape)
+        if self.spatial == "pool":
+            raise ValueError("spatial='pool' vectors cannot be put back into the layer (the average is not invertible)")
+        batch, channels = shape[0], shape[1]
+        return vectors.reshape(batch, -1, channels).transpose(1, 2).reshape(shape)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Training vectors of ``images`` (see ``spatial``), scaled, detached."""
+        return self.to_vectors(self.layer_output(images))
+
+    def vector_dim(self, images: Tensor | None = None) -> int:
+        """``d``: the size of one training vector (runs ``images[:1]`` through the model if not known yet)."""
+        if self._layer_shape is None:
+            if images is None:
+                raise ValueError("the layer's output shape is not known yet; pass example images")
+            self.layer_output(images[:1])
+        dim = self.known_vector_dim()
+        assert dim is not None
+        return dim
+
+    def known_vector_dim(self) -> int | None:
+        """``d`` if the layer's output shape is already known (after any batch), else ``None``; runs nothing."""
+        shape = self._layer_shape
+        if shape is None:
+            return None
+        if len(shape) == 1 or self.spatial in ("positions", "pool", "maps"):
+            return shape[0]
+        return math.prod(shape)
+
+    def vectors_per_image(self) -> int:
+        """Rows per image: ``h * w`` for ``"positions"``, else 1 (``"maps"``: one map stack per image)."""
+        if self._layer_shape is None:
+            raise ValueError("the layer's output shape is not known yet; call the source on a batch first")
+        if self.spatial == "positions" and len(self._layer_shape) > 1:
+            return math.prod(self._layer_shape[1:])
+        return 1
+
+    @property
+    def layer_shape(self) -> tuple[int, ...] | None:
+        """Shape of one sample's layer output (``[C, h, w]`` or ``[D]``), known after the first batch."""
+        return self._layer_shape
+
+    # ------------------------------------------------------------------------------------------ scale
+    def set_scale_from_norms(self, norm_sum: float, count: int, dim: int, reduce: Reducer | None = None) -> float:
+        """Set ``scale = sqrt(dim) / mean_norm`` from a sum of raw vector norms and their count, summed over all
+        processes with ``reduce`` (default: ``torch.distributed`` when initialised). Returns the scale."""
+        reduce = default_reducer() if reduce is None else reduce
+        totals = reduce(torch.tensor([float(norm_sum), float(count)], dtype=torch.float64), "sum")
+        norm_sum, count = float(totals[0]), float(totals[1])
+        if count <= 0 or not norm_sum > 0 or not math.isfinite(norm_sum):
+            raise ValueError(
+                f"cannot normalise layer {self.layer!r}: the mean activation norm is {norm_sum / max(count, 1)!r} "
+                "(all-zero or non-finite activations?)"
+            )
+        value = math.sqrt(dim) * count / norm_sum
+        self.scale.fill_(value)
+        self.scale_estimated.fill_(True)
+        return value
+
+    def estimate_scale(self, batches: Iterable[Any], max_batches: int = 16, reduce: Reducer | None = None) -> float:
+        """Estimate :attr:`scale` from up to ``max_batches`` image batches (tensors or ``(images, ...)``).
+
+        Every process must call it (the sums are all-reduced), so that all use the same scale.
+        """
+        _check_int("max_batches", max_batches)
+        norm_sum, count, dim = 0.0, 0, 0
+        for i, batch in enumerate(batches):
+            if i >= max_batches:
+                break
+            vectors = self.to_vectors(self.layer_output(_images_of(batch)), scaled=False)
+            if self.spatial == "maps":
+                vectors = vectors.flatten(2).transpose(1, 2).reshape(-1, vectors.shape[1])
+            norm_sum += float(vectors.double().norm(dim=1).sum())
+            count += vectors.shape[0]
+            dim = vectors.shape[1]
+        return self.set_scale_from_norms(norm_sum, count, dim, reduce)
+
+    # ------------------------------------------------------------------------------------------ intervention
+    @contextlib.contextmanager
+    def replace_output(self, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+        """While open, the layer's output (its last call per forward pass) is replaced by ``fn(output)``.
+
+        The hook is removed on exit, also on error. Call the source once before (the number of calls of the
+        layer per forward pass is learned on the first batch).
+        """
+        if self._calls is None:
+            raise ValueError("call the source on a batch first: it learns how often the layer runs per forward pass")
+        _, module = resolve_layer(self.model, self.layer)
+        calls = self._calls
+        seen = [0]
+
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+            seen[0] += 1
+            if seen[0] % calls != 0:
+                return None
+            new = fn(output)
+            if not isinstance(new, Tensor) or new.shape != output.shape:
+                shape = list(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(f"a replaced layer output must keep the shape {list(output.shape)}, got {shape}")
+            return new
+
+        handle = module.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def splice(self, transform: Callable[[Tensor], Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Context in which the layer outputs ``from_vectors(transform(to_vectors(output)))``: e.g. an SAE's
+        reconstruction of the (scaled) vectors, put back in place."""
+
+        def replace(output: Tensor) -> Tensor:
+            vectors = self.to_vectors(output)
+            new = transform(vectors)
+            if not isinstance(new, Tensor) or new.shape != vectors.shape:
+                shape = list(new.shape) if isinstance(new, Tensor) else type(new).__name__
+                raise ValueError(
+                    f"a splice transform must keep the shape {list(vectors.shape)} of the vectors, got {shape}"
+                )
+            return self.from_vectors(new, output.shape)
+
+        return self.replace_output(replace)
+
+    def model_output(self, images: Tensor, replace: Callable[[Tensor], Tensor] | str | None = None) -> Tensor:
+        """The frozen model's output on ``images`` in eval mode under ``no_grad`` (state restored), optionally
+        with the layer's output replaced: ``"zero"`` (zero-ablation) or a function of the *vectors*
+        (:meth:`splice`)."""
+        images = images.to(_model_device(self.model))
+        if self._calls is None:
+            self.layer_output(images[:1])
+        if replace is None:
+            context: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        elif replace == "zero":
+            context = self.replace_output(torch.zeros_like)
+        elif callable(replace):
+            context = self.splice(replace)
+        else:
+            raise ValueError(f"replace must be None, 'zero' or a callable on vectors, got {replace!r}")
+        with torch.no_grad(), model_state_guard(self.model), context:
+            return self.model(images)
+
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of the model (cache key)."""
+        return model_fingerprint(self.model)
+
+
+def _images_of(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"cannot find images in a batch dict with keys {sorted(batch)}")
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        return batch[0]
+    raise TypeError(f"a batch must be an image tensor or a sequence (images, ...), got {type(batch).__name__}")
+
+
+@dataclass
+class ActivationBatch:
+    """What post-hoc method modules receive.
+
+    ``activations``: ``[N, d]`` vectors (``[B, C, h, w]`` for ``spatial="maps"``), scaled. ``images``: the image
+    batch they came from (``None`` for cached batches). ``extras``: the rest of the image batch, e.g. ``(labels,
+    concept_labels)`` of a ``ConceptDataModule`` or ``(labels, concept_labels, concept_masks)``.
+    """
+
+    activations: Tensor
+    images: Tensor | None = None
+    extras: tuple[Any, ...] = ()
+
+    @property
+    def labels(self) -> Tensor | None:
+        """``extras[0]`` (the class labels of an image batch), if any."""
+        return self.extras[0] if self.extras and isinstance(self.extras[0], Tensor) else None
+
+    def __len__(self) -> int:
+        return self.activations.shape[0]
+
+
+def as_activation_batch(batch: Any) -> ActivationBatch:
+    """Accept an :class:`ActivationBatch`, a tensor of vectors, ``(vectors, ...)`` (e.g. a ``TensorDataset``
+    batch) or a :class:`CachedActivationBatches` item (used as is, without the source's scale): all but the first
+    become an :class:`ActivationBatch` without images."""
+    if isinstance(batch, ActivationBatch):
+        return batch
+    if isinstance(batch, Tensor):
+        return ActivationBatch(batch)
+    if isinstance(batch, Mapping) and "cached_activations" in batch:  # a CachedActivationBatches item (unscaled)
+        return ActivationBatch(batch["cached_activations"])
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and batch and isinstance(batch[0], Tensor):
+        return ActivationBatch(batch[0], None, tuple(batch[1:]))
+    raise TypeError(
+        f"expected an ActivationBatch (from ActivationDataModule), a tensor of activation vectors or (vectors, ...); "
+        f"got {type(batch).__name__}"
+    )
+
+
+def find_activation_source(trainer: Any) -> ActivationSource | None:
+    """The :class:`ActivationSource` of the trainer's datamodule (``trainer.datamodule.source``), if any."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    source = getattr(datamodule, "source", None)
+    return source if isinstance(source, ActivationSource) else None
+
