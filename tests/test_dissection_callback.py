@@ -229,3 +229,12 @@ def test_callback_bad_arguments(kwargs, match):
         DissectionScores(**{"layer": "features", **kwargs})
 
 
+
+
+def test_dataset_is_the_common_name_of_probe_dataset():
+    data = ConceptScenes(12, image_size=24)
+    assert DissectionScores("features", dataset=data).probe_dataset is data
+    with pytest.raises(ValueError, match="not both"):
+        DissectionScores("features", dataset=data, probe_dataset=data)
+    with pytest.raises(ValueError, match="concept dataset"):
+        DissectionScores("features", dataset=[1, 2])

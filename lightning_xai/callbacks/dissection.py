@@ -94,7 +94,8 @@ class DissectionScores(XAICallback):
             ``iou_threshold`` and ``top_k`` come from it and must not be given).
         every_n_epochs: dissect every n-th validation epoch; ``None``: once at the end of fit.
         num_samples: probe images (at least the number of DDP ranks).
-        probe_dataset: the concept dataset to draw from; ``None``: the datamodule's ``split``.
+        probe_dataset: the concept dataset to draw from (``dataset=`` is the same); ``None``: the datamodule's
+            ``split``.
         split: ``"val"`` (default), ``"train"`` or ``"test"``.
         iou_threshold, quantile, top_k: see :class:`~lightning_xai.interpretation.dissection.NetworkDissection`
             (defaults 0.04, 0.005, 4).
@@ -154,6 +155,11 @@ class DissectionScores(XAICallback):
             )
             if when == "fit_end":
                 every_n_epochs = None
+        if probe_dataset is None:  # the common argument's name (XAICallback's dataset=)
+            probe_dataset = kwargs.pop("dataset", None)
+        elif kwargs.get("dataset") is not None:
+            raise ValueError("DissectionScores: pass probe_dataset= or dataset=, not both")
+        kwargs.pop("dataset", None)
         if probe_dataset is not None and _concept_dataset_problem(probe_dataset):
             raise ValueError(_concept_dataset_problem(probe_dataset))
         super().__init__(
