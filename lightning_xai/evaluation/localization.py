@@ -182,7 +182,9 @@ def _top_k_split(heat: Tensor, mask: Tensor, k: Tensor) -> tuple[Tensor, Tensor,
 def _hypergeometric_mean(fn: object, base: Tensor, tied: Tensor, tied_inside: Tensor, draws: Tensor) -> Tensor:
     """``E[fn(i, base_i + X_i)]`` per sample with ``X_i`` hypergeometric: ``draws_i`` pixels drawn without
     replacement from ``tied_i`` tied pixels of which ``tied_inside_i`` are in the mask (a uniformly random
-    order among ties)."""
+    order among ties). Computed on the CPU (a few scalars per sample), returned on ``base``'s device."""
+    device = base.device
+    base, tied, tied_inside, draws = (t.detach().cpu() for t in (base, tied, tied_inside, draws))
     out = torch.empty_like(base)
     for i in range(base.shape[0]):
         g, m, r = int(tied[i]), int(tied_inside[i]), int(draws[i])
@@ -195,7 +197,7 @@ def _hypergeometric_mean(fn: object, base: Tensor, tied: Tensor, tied_inside: Te
         )
         prob = (log_p - log_p.max()).exp()
         out[i] = (prob * fn(i, base[i] + x)).sum() / prob.sum()  # type: ignore[operator]
-    return out
+    return out.to(device)
 
 
 def _log_comb(n: Tensor, k: Tensor) -> Tensor:
@@ -243,7 +245,7 @@ def mask_iou(
         n = mask[0].numel()
         k = area if fraction is None else torch.full_like(area, round(fraction * n))
         inside, tied, tied_inside, draws = _top_k_split(heat, mask, k)
-        total = (k + area).double()
+        total = (k + area).double().cpu()
 
         def iou_of(i: int, inter: Tensor) -> Tensor:
             return inter / (total[i] - inter).clamp_min(1)

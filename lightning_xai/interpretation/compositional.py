@@ -13,7 +13,7 @@ The search streams over the data once per added concept and holds only counts: f
 unit with mask ``M`` it accumulates ``|F|``, ``|F & M|`` and, for every concept ``c``, ``|F & c|`` and
 ``|F & c & M|``. Those give the IoU of all three extensions exactly (inclusion-exclusion, e.g.
 ``|(F OR c) & M| = |F & M| + |c & M| - |F & c & M|``). Counts are summed over processes with a
-:class:`~lightning_xai.interpretation.quantiles.Reducer`, so the result under DDP equals the single-process one.
+:class:`~lightning_xai.distributed.Reducer`, so the result under DDP equals the single-process one.
 Ties are broken towards shorter formulas, then by concept order, so the search is deterministic.
 """
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_xai.interpretation.quantiles import Reducer, default_reducer
+from lightning_xai.distributed import Reducer, default_reducer
 
 __all__ = ["OPERATORS", "CompositionalExplanation", "Formula", "compositional_search"]
 

@@ -34,7 +34,7 @@ images' aspect ratio (a different aspect raises a ``ValueError``; another resolu
 running position in ``data``; required under ``torch.distributed``).
 
 **Distributed.** Shard the probe set over processes and call the dissection on every process: sketches and
-counts are reduced with a :class:`~lightning_xai.interpretation.quantiles.Reducer` (``torch.distributed`` when
+counts are reduced with a :class:`~lightning_xai.distributed.Reducer` (``torch.distributed`` when
 initialised), and every process gets the result of the whole probe set, equal to a single-process run.
 """
 
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import resolve_layer
-from lightning_xai.distributed import agree
+from lightning_xai.distributed import Reducer, agree, default_reducer
 from lightning_xai.interpretation.compositional import CompositionalExplanation, compositional_search
 from lightning_xai.interpretation.dissection_result import (
     TABLE_COLUMNS,
@@ -65,7 +65,7 @@ from lightning_xai.interpretation.layer_maps import (
     read_concept_batch,
     upsample_bilinear,
 )
-from lightning_xai.interpretation.quantiles import QuantileSketch, Reducer, default_reducer
+from lightning_xai.interpretation.quantiles import QuantileSketch
 from lightning_xai.viz.render import overlay
 
 __all__ = [
