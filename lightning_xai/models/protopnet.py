@@ -75,7 +75,6 @@ crops (logged after each push).
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -92,6 +91,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.distributed import broadcast, default_reducer, rank_and_world_size
+from lightning_xai.interpretation.receptive_field import ReceptiveField
+from lightning_xai.interpretation.receptive_field import receptive_field as shared_receptive_field
 from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.namespace import pl
@@ -111,8 +112,7 @@ __all__ = [
 
 #: Training stages, in the order of the optimisers returned by ``configure_optimizers``.
 STAGES = ("warm", "joint", "last_layer")
-#: Input side (pixels) of the dummy forward that measures the trunk's channels and, as a fallback, its receptive
-#: field.
+#: Input side (pixels) of the dummy forward that measures the trunk's channels.
 _PROBE_SIZE = 64
 
 
@@ -150,174 +150,7 @@ def log_similarity(distances: Tensor, epsilon: float = 1e-4) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Receptive fields
-
-
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Where a latent position looks in the input.
-
-    Latent position ``i`` along an axis sees input pixels ``lo + i * jump .. hi + i * jump`` (inclusive; may reach
-    outside the image, into the padding). ``(rows, cols)`` pairs for ``lo``, ``hi`` and ``jump``. ``exact`` is
-    ``False`` when the field was estimated from gradients (see :func:`receptive_field`).
-    """
-
-    lo: tuple[int, int]
-    hi: tuple[int, int]
-    jump: tuple[int, int]
-    exact: bool = True
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """Height and width of the (unclipped) receptive field in pixels."""
-        return (self.hi[0] - self.lo[0] + 1, self.hi[1] - self.lo[1] + 1)
-
-    def box(self, row: int, col: int, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """``(top, left, bottom, right)`` of latent position ``(row, col)``, clipped to the image; bottom/right
-        exclusive, so the crop is ``image[:, top:bottom, left:right]``."""
-        height, width = image_size
-        top = max(0, self.lo[0] + row * self.jump[0])
-        left = max(0, self.lo[1] + col * self.jump[1])
-        bottom = min(height, self.hi[0] + row * self.jump[0] + 1)
-        right = min(width, self.hi[1] + col * self.jump[1] + 1)
-        return (top, left, bottom, right)
-
-
-# (lo, hi, jump) per spatial axis
-_Field = tuple[tuple[int, int, int], tuple[int, int, int]]
-
-_POINTWISE_MODULES = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Hardswish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
-)
-_POINTWISE_FUNCTIONS = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    operator.sub,
-    operator.truediv,
-    torch.add,
-    torch.mul,
-    torch.sub,
-    torch.cat,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    F.relu,
-    F.relu6,
-    F.leaky_relu,
-    F.gelu,
-    F.silu,
-    F.sigmoid,
-    F.dropout,
-}
-_POINTWISE_METHODS = {"add", "add_", "mul", "mul_", "sub", "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-
-
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-def _sliding(field: _Field, kernel: Any, stride: Any, padding: Any, dilation: Any) -> _Field:
-    """Compose ``field`` with a sliding window: output unit ``i`` reads input units ``i*s - p .. i*s - p + k' - 1``."""
-    kernel, dilation = _pair(kernel), _pair(dilation)
-    stride = _pair(kernel if stride is None else stride)
-    if isinstance(padding, str):  # Conv2d: "valid" or "same" (left padding = total // 2)
-        padding = (0, 0) if padding == "valid" else tuple(((k - 1) * d) // 2 for k, d in zip(kernel, dilation))
-    padding = _pair(padding)
-    out = []
-    for (lo, hi, jump), k, s, p, d in zip(field, kernel, stride, padding, dilation):
-        span = (k - 1) * d  # extent of the dilated window minus one
-        out.append((lo - p * jump, hi + (span - p) * jump, jump * s))
-    return (out[0], out[1])
-
-
-def _union(fields: list[_Field]) -> _Field:
-    """Receptive field of a pointwise combination (residual add, channel concat): the union of the inputs'."""
-    out = []
-    for axis in range(2):
-        jumps = {f[axis][2] for f in fields}
-        if len(jumps) != 1:
-            raise NotImplementedError(f"combining feature maps with different strides {sorted(jumps)}")
-        out.append((min(f[axis][0] for f in fields), max(f[axis][1] for f in fields), jumps.pop()))
-    return (out[0], out[1])
-
-
-def _traced_field(module: nn.Module) -> ReceptiveField:
-    """Exact receptive field by walking the ``torch.fx`` graph of ``module`` (raises for what it cannot follow)."""
-    import torch.fx
-
-    graph_module = torch.fx.symbolic_trace(module)
-    modules = dict(graph_module.named_modules())
-    fields: dict[torch.fx.Node, _Field | None] = {}
-    result: _Field | None = None
-
-    def inputs(node: torch.fx.Node) -> list[_Field]:
-        found = []
-        for arg in [*node.args, *node.kwargs.values()]:
-            for item in arg if isinstance(arg, list | tuple) else (arg,):
-                if isinstance(item, torch.fx.Node) and fields.get(item) is not None:
-                    found.append(fields[item])
-        return found
-
-    for node in graph_module.graph.nodes:
-        if node.op == "placeholder":
-            fields[node] = ((0, 0, 1), (0, 0, 1))
-            continue
-        if node.op == "get_attr":
-            fields[node] = None
-            continue
-        if node.op == "output":
-            found = inputs(node)
-            if len(found) != 1:
-                raise NotImplementedError("the trunk must return one feature map")
-            result = found[0]
-            continue
-        found = inputs(node)
-        if not found:
-            fields[node] = None
-            continue
-        if node.op == "call_module":
-            sub = modules[node.target]
-            if isinstance(sub, nn.Conv2d):
-                fields[node] = _sliding(found[0], sub.kernel_size, sub.stride, sub.padding, sub.dilation)
-            elif isinstance(sub, nn.MaxPool2d):
-                fields[node] = _sliding(found[0], sub.kernel_size, sub.stride, sub.padding, sub.dilation)
-            elif isinstance(sub, nn.AvgPool2d):
-                fields[node] = _sliding(found[0], sub.kernel_size, sub.stride, sub.padding, 1)
-            elif isinstance(sub, _POINTWISE_MODULES):
-                fields[node] = _union(found)
-            else:
-                raise NotImplementedError(f"module {node.target!r} of type {type(sub).__name__}")
-        elif node.op == "call_function" and node.target in _POINTWISE_FUNCTIONS:
-            fields[node] = _union(found)
-        elif node.op == "call_function" and node.target is getattr:
-            fields[node] = None
-        elif node.op == "call_method" and node.target in _POINTWISE_METHODS:
-            fields[node] = _union(found)
-        elif node.op == "call_method" and node.target in ("size", "dim"):
-            fields[node] = None
-        else:
-            raise NotImplementedError(f"operation {node.op} {node.target!r}")
-    if result is None:
-        raise NotImplementedError("no output found")
-    (lo_h, hi_h, j_h), (lo_w, hi_w, j_w) = result
-    return ReceptiveField(lo=(lo_h, lo_w), hi=(hi_h, hi_w), jump=(j_h, j_w), exact=True)
+# Receptive fields (the shared exact computation of lightning_xai.interpretation.receptive_field)
 
 
 @contextmanager
@@ -332,56 +165,16 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _estimated_field(module: nn.Module, in_channels: int) -> ReceptiveField:
-    """Approximate receptive field from the input-gradient support of the central latent position.
-
-    The support of a gradient can be smaller than the true field (dead ReLUs, max-pooling), and the stride is taken
-    as ``input size // latent size``.
-    """
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    with _eval_mode(module), torch.inference_mode(False), torch.enable_grad():
-        x = torch.randn(1, in_channels, _PROBE_SIZE, _PROBE_SIZE, generator=generator).to(device).requires_grad_(True)
-        z = module(x)
-        if z.ndim != 4:
-            raise ValueError(f"the trunk must return feature maps [B, D, h, w], got shape {list(z.shape)}")
-        h, w = z.shape[2:]
-        row, col = h // 2, w // 2
-        (grad,) = torch.autograd.grad(z[0, :, row, col].abs().sum(), x)
-    support = grad[0].abs().sum(0) > 0
-    rows, cols = support.any(1).nonzero().flatten(), support.any(0).nonzero().flatten()
-    jump = (max(1, _PROBE_SIZE // h), max(1, _PROBE_SIZE // w))
-    if rows.numel() == 0:  # no gradient at all: fall back to the whole image
-        return ReceptiveField((-_PROBE_SIZE, -_PROBE_SIZE), (2 * _PROBE_SIZE, 2 * _PROBE_SIZE), jump, exact=False)
-    lo = (int(rows[0]) - row * jump[0], int(cols[0]) - col * jump[1])
-    hi = (int(rows[-1]) - row * jump[0], int(cols[-1]) - col * jump[1])
-    return ReceptiveField(lo, hi, jump, exact=False)
+# --------------------------------------------------------------------------------------------------------------------
+# Backbone trunks
 
 
 def receptive_field(trunk: nn.Module, in_channels: int = 3) -> ReceptiveField:
-    """The receptive field of the output positions of a convolutional ``trunk``.
-
-    Computed exactly from the layer geometry (kernel, stride, padding, dilation of every ``Conv2d`` / ``MaxPool2d``
-    / ``AvgPool2d``; pointwise layers pass it through; a residual sum or channel concat takes the union of its
-    inputs' fields) by walking the ``torch.fx`` graph of the trunk - the analysis of A. Araujo, W. Norris and J.
-    Sim, "Computing Receptive Fields of Convolutional Neural Networks", Distill 2019. When the trunk cannot be
-    traced or contains a layer this analysis does not know, the field is estimated from the input-gradient support
-    of one latent position (``exact=False``) and a warning says so.
-    """
-    try:
-        return _traced_field(trunk)
-    except Exception as err:  # any tracing failure falls back to the estimate
-        warnings.warn(
-            f"could not compute the trunk's receptive field exactly ({type(err).__name__}: {err}); estimating it from "
-            "gradients, so prototype source boxes are approximate",
-            stacklevel=2,
-        )
-        return _estimated_field(trunk, in_channels)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Backbone trunks
+    """The receptive field of the output positions of a convolutional ``trunk``: the shared exact computation of
+    :func:`lightning_xai.interpretation.receptive_field.receptive_field` (layer geometry along the ``torch.fx``
+    graph; Araujo, Norris & Sim, Distill 2019), which falls back to a gradient estimate (``exact=False``) with a
+    warning when the trunk cannot be traced."""
+    return shared_receptive_field(trunk, None, in_channels=in_channels)
 
 
 def build_trunk(backbone: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
