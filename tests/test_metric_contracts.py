@@ -122,7 +122,6 @@ def test_random_metric_seeds_bad_sample_ids():
             metric.update(**{**kwargs, "sample_ids": bad})
 
 
-@pytest.mark.slow
 def test_every_metric_under_two_gloo_processes_matches_one_process():
     import ddp_metric_script
 

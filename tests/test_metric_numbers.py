@@ -244,3 +244,26 @@ def test_data_randomization_leaves_the_users_model_alone():
         lambda labels: GapCNN(seed=1).train(), torch.arange(6) % 4, x, 1, model=model
     )
     torch.testing.assert_close(result.similarities["spearman"], again.similarities["spearman"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary (issue 15 item 5): num_samples, with the old name as a deprecated alias
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_samples_is_a_deprecated_alias_of_num_samples():
+    from lightning_xai.evaluation import MaxSensitivity
+
+    x, maps, model = _images(2), torch.randn(2, 1, 8, 8), LinearModel((3, 8, 8), 3)
+    with pytest.warns(DeprecationWarning, match="'samples' is deprecated; use 'num_samples'"):
+        metric = Infidelity(samples=3)
+    assert metric.num_samples == 3
+    with pytest.warns(DeprecationWarning, match="use num_samples"):
+        assert metric.samples == 3
+    with pytest.warns(DeprecationWarning, match="num_samples"):
+        assert MaxSensitivity(_gradient, samples=2).num_samples == 2
+    with pytest.warns(DeprecationWarning, match="num_samples"):
+        old = infidelity(maps, x, model, 0, samples=4)
+    torch.testing.assert_close(old, infidelity(maps, x, model, 0, num_samples=4))
+    with pytest.warns(DeprecationWarning, match="num_samples"):
+        max_sensitivity(maps, x, model, 0, _gradient, samples=2)

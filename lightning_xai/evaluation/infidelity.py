@@ -9,6 +9,8 @@ sharding; without them the identity is the sample's position in the process's st
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -201,6 +203,12 @@ class Infidelity(PerSampleMeanMetric):
         self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=type(self).__name__)
         self.softmax = bool(softmax)
 
+    @property
+    def samples(self) -> int:
+        """Deprecated name of :attr:`num_samples`."""
+        warnings.warn(f"{type(self).__name__}.samples is deprecated; use num_samples", DeprecationWarning, stacklevel=2)
+        return self.num_samples
+
     def update(
         self,
         attributions: Tensor,
@@ -265,6 +273,12 @@ class MaxSensitivity(PerSampleMeanMetric):
         self.normalize = bool(normalize)
         self.seed = int(seed)
         self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=type(self).__name__)
+
+    @property
+    def samples(self) -> int:
+        """Deprecated name of :attr:`num_samples`."""
+        warnings.warn(f"{type(self).__name__}.samples is deprecated; use num_samples", DeprecationWarning, stacklevel=2)
+        return self.num_samples
 
     def update(
         self,
