@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.checks import check_int
 from lightning_xai.distributed import Reducer, default_reducer
 
 __all__ = [
@@ -56,9 +57,7 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum)
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -44,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_xai.checks import check_int
 from lightning_xai.data.concept_masks import ConceptMaskDataModule
+from lightning_xai.distributed import default_reducer
 from lightning_xai.evaluation.concepts import SetIoU, set_iou_counts
-from lightning_xai.interpretation.quantiles import QuantileSketch, default_reducer
+from lightning_xai.interpretation.quantiles import QuantileSketch
 from lightning_xai.models.activations import as_activation_batch
 from lightning_xai.models.base import XAIModule
 from lightning_xai.models.probes import (
@@ -64,9 +66,7 @@ from lightning_xai.models.probes import (
 __all__ = ["ConceptMaskDataModule", "Net2Vec", "SetIoU", "set_iou_counts"]
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum)
 
 
 # ---------------------------------------------------------------------------------------------------------- data

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_xai.checks import check_int
+from lightning_xai.distributed import default_reducer, sum_over_ranks
 from lightning_xai.evaluation.concepts import ConceptProbeMetrics
-from lightning_xai.interpretation.quantiles import default_reducer
 from lightning_xai.models.activations import as_activation_batch, find_activation_source
 from lightning_xai.models.base import XAIModule
 
@@ -44,9 +45,7 @@ __all__ = ["ConceptProbeMetrics", "ConceptProbes", "LinearConceptProbes", "balan
 
 
 def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum)
 
 
 def check_concept_names(concept_names: Sequence[str] | None, num_concepts: int) -> list[str]:
@@ -74,7 +73,7 @@ def balanced_bce(logits: Tensor, targets: Tensor, alpha: Tensor, normalizer: flo
 
 def sum_over_processes(tensor: Tensor) -> Tensor:
     """All-reduce sum (identity without ``torch.distributed``)."""
-    return default_reducer()(tensor, "sum")
+    return sum_over_ranks(tensor)
 
 
 def world_size() -> int:
