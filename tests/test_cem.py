@@ -252,3 +252,32 @@ def test_not_found_is_reported_not_hidden():
     assert not bool(result.found.any()) and bool((result.delta == 0).all()) and bool(result.c.isnan().all())
     with pytest.warns(RuntimeWarning, match=r"no pertinent negative .* sample\(s\) \[0, 1\]"):
         cem(model, x, 0)
+
+
+def test_explanation_monitor_draws_pp_and_pn_columns(tmp_path):
+    """Registered by name: ExplanationMonitor builds both from a config-style list and logs one column each."""
+    from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
+
+    from lightning_xai.callbacks import ExplanationMonitor
+
+    torch.manual_seed(0)
+    fast = {"max_iterations": 30, "c_steps": 3, "lr": 0.1, "feature_range": (0.0, 1.0), "c_init": 100.0}
+    monitor = ExplanationMonitor([{"name": "cem_pp", **fast}, {"name": "cem_pn", **fast}], num_samples=3,
+                                 every_n_epochs=None, output_dir=str(tmp_path))
+    trainer = quiet_trainer(max_epochs=1, callbacks=[monitor])
+    model, data = TinyClassifier(lr=1e-4), BlobData()
+    x, y = data.train_set.tensors[:2]
+    opt = torch.optim.Adam(model.parameters(), 0.02)
+    for _ in range(60):  # a model that separates its classes, so that PPs and PNs exist
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trainer.fit(model, datamodule=data)
+    assert not monitor.errors, monitor.errors
+    assert sorted(monitor.previous_maps) == ["cem_pn", "cem_pp"]
+    for maps in monitor.previous_maps.values():
+        assert maps.shape == (3, 3, 16, 16) and bool(torch.isfinite(maps).all())
+    assert bool((monitor.previous_maps["cem_pn"].flatten(1).abs().sum(1) > 0).all())  # a real PN for each
+    assert list(tmp_path.rglob("*.png"))
+

@@ -186,7 +186,7 @@ class ContrastiveExplanation(Attributor):
                 f"within c_steps={self.c_steps} x max_iterations={self.max_iterations}; their maps are zero "
                 "(raise c_init, c_steps or max_iterations)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return result.delta
 
