@@ -22,7 +22,8 @@ from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.checks import check_float, check_int
 from lightning_xai.distributed import rank_and_world_size, sum_over_ranks
-from lightning_xai.models.concept_bottleneck import _loader_from, auc_matrix
+from lightning_xai.evaluation.concepts import auc_matrix
+from lightning_xai.models.cbm_interventions import _loader_from
 
 __all__ = [
     "POOLINGS",
