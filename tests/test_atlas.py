@@ -101,6 +101,13 @@ def test_sharded_collection_over_two_ranks_equals_one_process():
         torch.testing.assert_close(r.vectors, single.vectors)
         assert r.image_index.tolist() == single.image_index.tolist()
         torch.testing.assert_close(r.directions, single.directions)
+    # max_samples takes the same first images whatever the number of ranks
+    limited = ActivationAtlas("features", grid_size=4, positions_per_image=3, method="pca", render_icons=False,
+                              max_samples=5)
+    one = limited(model, data)
+    two = ThreadGroup(2).run(lambda reducer: limited(model, data, reducer=reducer))
+    assert sorted(set(one.image_index.tolist())) == [0, 1, 2, 3, 4]
+    assert two[0].image_index.tolist() == one.image_index.tolist()
 
 
 def test_class_filtered_atlas_weights_cells_by_attribution():
@@ -144,7 +151,7 @@ def test_layout_auto_falls_back_to_tsne_without_umap():
 
 
 # ----------------------------------------------------------------------------------------------- callback
-def test_callback_logs_the_atlas_at_fit_end(tmp_path):
+def test_callback_logs_the_atlas_every_epoch(tmp_path):
     from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
 
     from lightning_xai.callbacks import ActivationAtlas as AtlasCallback
@@ -152,16 +159,17 @@ def test_callback_logs_the_atlas_at_fit_end(tmp_path):
     torch.manual_seed(0)
     method = ActivationAtlas("features", grid_size=3, positions_per_image=4, method="pca",
                              visualization=ActivationMaximization(**FAST_AM), max_samples=12)
-    callback = AtlasCallback(atlas=method, output_dir=str(tmp_path), target_class=1)
-    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
+    callback = AtlasCallback(atlas=method, output_dir=str(tmp_path), target_class=1, every_n_epochs=1)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[callback])
     trainer.fit(TinyClassifier(), datamodule=BlobData())
     assert not callback.errors, callback.errors
-    assert len(callback.history) == 1 and callback.history[0]["cells"] >= 2
+    assert [r["epoch"] for r in callback.history] == [0, 1] and callback.history[0]["cells"] >= 2
+    assert trainer.callback_metrics["xai/atlas/cells"] == callback.history[-1]["cells"]  # logged in the loop
     result = callback.last_result
     assert result is not None and result.vectors.shape[0] == 12 * 4 and result.class_attribution is not None
     assert callback.last_metrics["xai/atlas/icon_gain"] > 0
     pngs = list((tmp_path / "activationatlas").glob("*.png"))
-    assert len(pngs) == 1
+    assert len(pngs) == 2
     state = callback.state_dict()
     assert state["history"][0]["cells"] == callback.history[0]["cells"]
 

@@ -197,6 +197,20 @@ class AtlasResult:
         return columns, rows
 
 
+def _first(data: Data, count: int | None) -> tuple[Data, bool]:
+    """The first ``count`` samples of a tensor, ``(inputs, labels)`` pair or sized Dataset (so that every world size
+    reads the same images), and whether that could be done (not for other iterables)."""
+    if count is None:
+        return data, True
+    if isinstance(data, Tensor):
+        return data[:count], True
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return (data[0][:count], data[1][:count]), True
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return Subset(data, range(min(count, len(data)))), True  # type: ignore[arg-type]
+    return data, False
+
+
 def _shard(data: Data, rank: int, world_size: int) -> tuple[Data, int]:
     """This rank's contiguous share of a tensor, ``(inputs, labels)`` pair or sized Dataset, and its offset in the
     whole data; other iterables (loaders with a distributed sampler) are taken to be sharded already."""
@@ -274,6 +288,7 @@ class ActivationAtlas:
         ranks (this rank reads its shard of ``data``)."""
         reducer = reducer or default_reducer()
         layer, _ = resolve_layer(model, self.layer)
+        data, limited = _first(data, self.max_samples)
         shard, offset = _shard(data, reducer.rank, reducer.world_size)
         device = model_device(model)
         vectors, index, labels, attrs = [], [], [], []
@@ -281,7 +296,7 @@ class ActivationAtlas:
         seen = 0
         with model_state_guard(model), gradient_context(), capture_layer(model, layer) as capture:
             for x, y in iterate_batches(shard, self.batch_size):
-                if self.max_samples is not None:
+                if self.max_samples is not None and not limited:  # an iterable: each rank reads its share
                     limit = -(-self.max_samples // reducer.world_size)
                     if seen >= limit:
                         break
