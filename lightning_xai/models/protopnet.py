@@ -76,28 +76,34 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_xai.distributed import broadcast, default_reducer, rank_and_world_size
-from lightning_xai.interpretation.receptive_field import ReceptiveField
-from lightning_xai.interpretation.receptive_field import receptive_field as shared_receptive_field
-from lightning_xai.models.backbones import BACKBONES, SmallCNN, VGGSmall, build_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
-from lightning_xai.namespace import pl
-from lightning_xai.viz.logging import log_image, log_table
-from lightning_xai.viz.render import overlay, to_uint8_images
+from lightning_xai.models.protopnet_explain import PrototypeExplanationMixin
+from lightning_xai.models.protopnet_parts import (
+    _PROBE_SIZE,
+    STAGES,
+    ProtoPNetOutput,
+    PrototypeExplanation,
+    ReceptiveField,
+    _check_int,
+    _check_number,
+    _eval_mode,
+    build_trunk,
+    l2_distances,
+    log_similarity,
+    receptive_field,
+)
+from lightning_xai.models.protopnet_push import PrototypePushMixin
+from lightning_xai.viz.logging import log_image
 
 __all__ = [
     "STAGES",
@@ -111,162 +117,34 @@ __all__ = [
 ]
 
 #: Training stages, in the order of the optimisers returned by ``configure_optimizers``.
-STAGES = ("warm", "joint", "last_layer")
 #: Input side (pixels) of the dummy forward that measures the trunk's channels.
-_PROBE_SIZE = 64
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Distances and similarities
 
 
-def l2_distances(z: Tensor, prototypes: Tensor) -> Tensor:
-    """Squared L2 distance of every latent patch to every prototype, as convolutions.
-
-    Args:
-        z: latent map ``[B, D, h, w]``.
-        prototypes: ``[P, D, 1, 1]``.
-
-    Returns:
-        ``[B, P, h, w]``: ``||z[b, :, i, j]||^2 - 2 z[b, :, i, j].p_k + ||p_k||^2``, clamped at 0 (the expansion can
-        round slightly below zero). The cross term is ``conv2d(z, prototypes)``; ``||z||^2`` is the convolution of
-        ``z^2`` with a ones kernel of the prototypes' spatial shape (1x1: a sum over channels).
-    """
-    if z.ndim != 4 or prototypes.ndim != 4 or prototypes.shape[1] != z.shape[1]:
-        raise ValueError(
-            f"expected z [B, D, h, w] and prototypes [P, D, kh, kw] with the same D, got {list(z.shape)} and "
-            f"{list(prototypes.shape)}"
-        )
-    ones = torch.ones((1, *prototypes.shape[1:]), dtype=z.dtype, device=z.device)
-    z_sq = F.conv2d(z * z, ones)  # [B, 1, h, w]
-    cross = F.conv2d(z, prototypes)  # [B, P, h, w]
-    p_sq = prototypes.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
-    return F.relu(z_sq - 2 * cross + p_sq)
-
-
-def log_similarity(distances: Tensor, epsilon: float = 1e-4) -> Tensor:
-    """ProtoPNet's similarity ``log((d + 1) / (d + epsilon))``: ``log(1 / epsilon)`` at ``d = 0``, decreasing to 0."""
-    return torch.log((distances + 1) / (distances + epsilon))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Receptive fields (the shared exact computation of lightning_xai.interpretation.receptive_field)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, and restore each one's own mode afterwards (also on error)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Backbone trunks
 
 
-def receptive_field(trunk: nn.Module, in_channels: int = 3) -> ReceptiveField:
-    """The receptive field of the output positions of a convolutional ``trunk``: the shared exact computation of
-    :func:`lightning_xai.interpretation.receptive_field.receptive_field` (layer geometry along the ``torch.fx``
-    graph; Araujo, Norris & Sim, Distill 2019), which falls back to a gradient estimate (``exact=False``) with a
-    warning when the trunk cannot be traced."""
-    return shared_receptive_field(trunk, None, in_channels=in_channels)
-
-
-def build_trunk(backbone: str, num_classes: int, in_channels: int = 3, small_input: bool = False) -> nn.Module:
-    """The convolutional trunk (no global pooling, no classifier) of the backbone called ``backbone``.
-
-    ``"small_cnn"``: ``blocks`` + ``features`` of :class:`~lightning_xai.models.backbones.SmallCNN` (1/4 of the input
-    resolution); ``"resnet18"``: stem + ``layer1`` .. ``layer4`` (1/32, or 1/8 with ``small_input``);
-    ``"vgg_small"``: ``features`` of :class:`~lightning_xai.models.backbones.VGGSmall` (1/4).
-    """
-    if not isinstance(backbone, str) or backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; valid names: {list(BACKBONES)} (or pass an nn.Module)")
-    model = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels, small_input=small_input)
-    if isinstance(model, SmallCNN):
-        return nn.Sequential(OrderedDict(blocks=model.blocks, features=model.features))
-    if isinstance(model, VGGSmall):
-        return model.features
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    return nn.Sequential(OrderedDict((name, getattr(model, name)) for name in names))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Outputs
-
-
-@dataclass
-class ProtoPNetOutput:
-    """Everything one forward pass computes: ``logits [B, C]``, ``min_distances [B, P]`` (min-pooled squared
-    distances), ``similarities [B, P]`` (their log-similarities) and ``distance_maps [B, P, h, w]``."""
-
-    logits: Tensor
-    min_distances: Tensor
-    similarities: Tensor
-    distance_maps: Tensor
-
-
-@dataclass
-class PrototypeExplanation:
-    """Why an input got its score, "this looks like that", for ``B`` inputs and the top ``k`` prototypes of each.
-
-    Prototypes are ranked by their contribution to the target logit, ``similarity * last_layer.weight[target,
-    prototype]`` (the "points" of Chen et al. 2019), largest first; ``similarity_maps`` are each prototype's
-    log-similarity at every latent position, upsampled bilinearly to the input size (large = looks like the
-    prototype). ``source_indices`` / ``source_boxes`` come from the last push (-1 before any push).
-    """
-
-    logits: Tensor  # [B, C]
-    target: Tensor  # [B] long
-    prototype_indices: Tensor  # [B, k] long
-    prototype_classes: Tensor  # [B, k] long
-    similarities: Tensor  # [B, k]
-    weights: Tensor  # [B, k] last-layer weight (target class, prototype)
-    contributions: Tensor  # [B, k] similarities * weights
-    similarity_maps: Tensor  # [B, k, H, W]
-    source_indices: Tensor  # [B, k] long: training-set index of each prototype's source image
-    source_boxes: Tensor  # [B, k, 4] long: (top, left, bottom, right) of the source patch
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Validation helpers
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_number(name: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return float(value)
-
-
-def _distributed() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when none is initialised."""
-    return rank_and_world_size()
-
-
-def _gather(tensor: Tensor, world_size: int) -> Tensor:
-    """``[world_size, *tensor.shape]``: ``tensor`` from every rank (``tensor[None]`` without a process group)."""
-    return default_reducer()(tensor.contiguous(), "gather")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The module
 
 
-class ProtoPNet(XAIModule):
+class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
     """Prototypical part network (Chen et al., NeurIPS 2019); see the module docstring for the method, the stage
     schedule and how stages and the push work under DDP.
 
@@ -683,305 +561,6 @@ class ProtoPNet(XAIModule):
 
     # ---------------------------------------------------------------------------------------------------- push
 
-    def push(self, data: Dataset | DataLoader | pl.LightningDataModule, batch_size: int | None = None) -> dict:
-        """Project every prototype onto its nearest latent patch among the training images of its class.
-
-        Args:
-            data: the training set - a ``Dataset`` of ``(image, label, ...)`` items, a ``DataLoader`` (its
-                ``dataset`` is used in its own order; its sampler and batch size are ignored) or a DataModule (its
-                ``dataset("train")`` if it has one, else its ``train_dataloader().dataset``). Dataset indices are
-                what the push record stores.
-            batch_size: images per forward pass (default ``push_batch_size``).
-
-        Call it on every rank of a distributed run, with the same dataset everywhere: each rank scans the indices
-        ``rank::world_size`` and the global nearest patch wins (ties: smaller dataset index, then row-major
-        position). The latent vectors are computed in eval mode without gradients; every submodule's train/eval
-        mode is restored afterwards. Under DDP, the buffers of ``features`` and ``add_on`` are first broadcast
-        from rank 0. The new prototype is, bit for bit, the winning patch's vector in the latent map of its image
-        computed on its own: ``latent(image[None].contiguous())`` in eval mode.
-
-        Returns:
-            ``{"mean_distance", "max_distance"}``: squared distances between the prototypes before the push and
-            their new values (how far they moved).
-        """
-        dataset = self._push_dataset(data)
-        batch_size = self.push_batch_size if batch_size is None else _check_int("batch_size", batch_size, 1)
-        if len(dataset) == 0:
-            raise ValueError("cannot push onto an empty dataset")
-        rank, world = _distributed()
-        with torch.inference_mode(False), torch.no_grad(), _eval_mode(self):
-            if world > 1:
-                for buffer in [*self.features.buffers(), *self.add_on.buffers()]:
-                    buffer.copy_(broadcast(buffer, src=0))
-            local = self._scan(dataset, range(rank, len(dataset), world), batch_size)
-            distance, index, position, images = (_gather(t, world) for t in local)  # each [world, P, ...]
-            winners = self._pick_winners(distance, index, position)
-            p = torch.arange(self.num_prototypes, device=self.device)
-            chosen = distance[winners, p]
-            missing = (~torch.isfinite(chosen)).nonzero().flatten()
-            if missing.numel():
-                classes = sorted({int(c) for c in self.prototype_classes[missing]})
-                raise ValueError(
-                    f"the push data has no images of class(es) {classes}: their prototypes cannot be pushed"
-                )
-            self._project(index[winners, p], position[winners, p], chosen, images[winners, p], world)
-        return {"mean_distance": float(chosen.mean()), "max_distance": float(chosen.max())}
-
-    @staticmethod
-    def _push_dataset(data: Any) -> Dataset:
-        if isinstance(data, DataLoader):
-            return data.dataset
-        if isinstance(data, pl.LightningDataModule):
-            if callable(getattr(data, "dataset", None)):
-                return data.dataset("train")
-            data.setup("fit")
-            return data.train_dataloader().dataset
-        if isinstance(data, Dataset) and hasattr(data, "__len__"):
-            return data
-        raise TypeError(
-            f"data must be a Dataset (with __len__), a DataLoader or a LightningDataModule, got {type(data).__name__}"
-        )
-
-    def _scan(self, dataset: Dataset, indices: range, batch_size: int) -> tuple[Tensor, ...]:
-        """This rank's best patch per prototype among ``indices``: distance, dataset index, position, image."""
-        P, device, dtype = self.num_prototypes, self.device, self.prototypes.dtype
-        image_shape = dataset[0][0].shape
-        best_dist = torch.full((P,), float("inf"), device=device, dtype=dtype)
-        best_index = torch.full((P,), -1, dtype=torch.long, device=device)
-        best_pos = torch.full((P,), -1, dtype=torch.long, device=device)
-        best_img = torch.zeros(P, *image_shape, device=device, dtype=dtype)
-        classes = self.prototype_classes
-        loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
-        offset = 0
-        for batch in loader:
-            x = batch[0].to(device, dtype).contiguous()
-            y = torch.as_tensor(batch[1], device=device).long()
-            distances = l2_distances(self.latent(x), self.prototypes)  # [B, P, h, w]
-            own = (y[:, None] == classes[None, :])[:, :, None, None]
-            distances = torch.where(own, distances, torch.full_like(distances, float("inf")))
-            b, _, h, w = distances.shape
-            flat = distances.permute(1, 0, 2, 3).reshape(P, -1)  # [P, B*h*w], row-major over (image, row, col)
-            values, where = flat.min(dim=1)  # first occurrence on ties
-            better = values < best_dist
-            if bool(better.any()):
-                img = where // (h * w)
-                global_index = torch.as_tensor(list(indices[offset : offset + b]), device=device)[img]
-                best_dist = torch.where(better, values, best_dist)
-                best_index = torch.where(better, global_index, best_index)
-                best_pos = torch.where(better, where % (h * w), best_pos)
-                best_img = torch.where(better.view(-1, 1, 1, 1), x[img], best_img)
-            offset += b
-        return best_dist, best_index, best_pos, best_img
-
-    @staticmethod
-    def _pick_winners(distance: Tensor, index: Tensor, position: Tensor) -> Tensor:
-        """Per prototype, the rank whose candidate is smallest in ``(distance, index, position)`` order."""
-        world, P = distance.shape
-        winners = torch.zeros(P, dtype=torch.long, device=distance.device)
-        d, i, q = distance.tolist(), index.tolist(), position.tolist()
-        for p in range(P):
-            winners[p] = min(range(world), key=lambda r: (d[r][p], i[r][p] if i[r][p] >= 0 else math.inf, q[r][p]))
-        return winners
-
-    def _project(self, index: Tensor, position: Tensor, distance: Tensor, images: Tensor, world: int) -> None:
-        """Copy the winning patches into the prototypes and store the push record.
-
-        A patch's latent vector is taken from its image's latent map computed *on its own*, in eval mode, as
-        ``latent(image[None].contiguous())``: convolution kernels can round differently with the batch composition
-        and the memory format (e.g. channels-last images), so the scan's batched vectors may differ from it in the
-        last bits, and "the prototype is exactly this image's latent vector" needs one canonical computation.
-        Every rank computes the same thing from the same gathered images; rank 0's result is then broadcast so that
-        the bytes are identical everywhere even where kernels are not bitwise deterministic across processes.
-        """
-        P, (C, H, W) = self.num_prototypes, images.shape[1:]
-        vectors, maps = [], []
-        for p in range(P):
-            z = self.latent(images[p : p + 1].contiguous())  # [1, D, h, w]: the image alone, contiguous memory
-            w = z.shape[3]
-            vector = z[0, :, int(position[p]) // w, int(position[p]) % w]
-            d = l2_distances(z, vector.view(1, -1, 1, 1))  # [1, 1, h, w]: the pushed prototype on its source
-            vectors.append(vector)
-            maps.append(log_similarity(d, self.epsilon))
-        rows, cols = position // w, position % w
-        boxes = torch.tensor(
-            [self.rf.box(int(r), int(c), (H, W)) for r, c in zip(rows.tolist(), cols.tolist())], dtype=torch.long
-        )
-        sim = F.interpolate(torch.cat(maps), size=(H, W), mode="bilinear", align_corners=False)  # [P, 1, H, W]
-        crop_h = int((boxes[:, 2] - boxes[:, 0]).max())
-        crop_w = int((boxes[:, 3] - boxes[:, 1]).max())
-        crops = torch.zeros(P, C, crop_h, crop_w, device=self.device, dtype=images.dtype)
-        crop_maps = torch.zeros(P, 1, crop_h, crop_w, device=self.device, dtype=sim.dtype)
-        for p, (top, left, bottom, right) in enumerate(boxes.tolist()):
-            crops[p, :, : bottom - top, : right - left] = images[p, :, top:bottom, left:right]
-            crop_maps[p, :, : bottom - top, : right - left] = sim[p, :, top:bottom, left:right]
-        new_prototypes = torch.stack(vectors).view_as(self.prototypes).contiguous()
-        if world > 1:
-            for tensor in (new_prototypes, crop_maps):
-                tensor.copy_(broadcast(tensor, src=0))
-        self.prototypes.copy_(new_prototypes)
-        self.push_index.copy_(index)
-        self.push_position.copy_(torch.stack([rows, cols], dim=1))
-        self.push_box.copy_(boxes)
-        self.push_distance.copy_(distance)
-        self.push_crops = crops
-        self.push_crop_maps = crop_maps
-        self.push_count += 1
-        self.prototypes_pushed.fill_(1)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # The crop buffers' size is only known after a push: take the checkpoint's.
-        for name in ("push_crops", "push_crop_maps"):
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if isinstance(saved, Tensor) and saved.shape != current.shape:
-                setattr(self, name, torch.zeros(saved.shape, dtype=current.dtype, device=current.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def source_crop(self, prototype: int) -> tuple[Tensor, Tensor]:
-        """The source patch of ``prototype`` from the last push, ``([C, h, w] crop, [1, h, w] similarity map)``."""
-        _check_int("prototype", prototype, 0)
-        if prototype >= self.num_prototypes:
-            raise ValueError(f"prototype must be < {self.num_prototypes}, got {prototype}")
-        if int(self.push_count) == 0:
-            raise ValueError("the prototypes have not been pushed yet: there are no source patches")
-        top, left, bottom, right = self.push_box[prototype].tolist()
-        return (
-            self.push_crops[prototype, :, : bottom - top, : right - left],
-            self.push_crop_maps[prototype, :, : bottom - top, : right - left],
-        )
-
     # ---------------------------------------------------------------------------------------------------- explain
 
-    def explain(
-        self, images: Tensor, top_k: int | None = None, target: int | Tensor | None = None
-    ) -> PrototypeExplanation:
-        """Explain ``images [B, C, H, W]`` as "this looks like that": the ``top_k`` prototypes by contribution to
-        the ``target`` logit, with their similarity maps.
 
-        ``target``: ``None`` (the predicted class), a class index or a LongTensor ``[B]``. Runs in eval mode without
-        gradients and restores every submodule's mode (works inside ``no_grad`` / ``inference_mode``).
-        """
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != self.in_channels:
-            shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"images must be a tensor [B, {self.in_channels}, H, W], got {shape}")
-        k = self.explain_top_k if top_k is None else _check_int("top_k", top_k, 1)
-        if k > self.num_prototypes:
-            raise ValueError(f"top_k must be <= the number of prototypes ({self.num_prototypes}), got {k}")
-        with torch.no_grad(), _eval_mode(self):
-            out = self.outputs(images.to(self.device))
-        B = images.shape[0]
-        if target is None:
-            target_t = out.logits.argmax(dim=1)
-        elif isinstance(target, int) and not isinstance(target, bool):
-            target_t = torch.full((B,), target, dtype=torch.long, device=self.device)
-        elif isinstance(target, Tensor) and target.shape == (B,) and not target.is_floating_point():
-            target_t = target.to(self.device).long()
-        else:
-            raise ValueError(f"target must be None, an int or a LongTensor [{B}], got {target!r}")
-        if bool(((target_t < 0) | (target_t >= self.num_classes)).any()):
-            raise ValueError(f"target classes must lie in [0, {self.num_classes}), got {target_t.tolist()}")
-        weights = self.last_layer.weight.detach()[target_t]  # [B, P]
-        contributions = out.similarities * weights
-        top = contributions.topk(k, dim=1).indices  # [B, k]
-        rows = torch.arange(B, device=self.device)[:, None]
-        maps = log_similarity(out.distance_maps[rows, top], self.epsilon)  # [B, k, h, w]
-        maps = F.interpolate(maps, size=images.shape[2:], mode="bilinear", align_corners=False)
-        return PrototypeExplanation(
-            logits=out.logits,
-            target=target_t,
-            prototype_indices=top,
-            prototype_classes=self.prototype_classes[top],
-            similarities=out.similarities[rows, top],
-            weights=weights[rows, top],
-            contributions=contributions[rows, top],
-            similarity_maps=maps,
-            source_indices=self.push_index[top],
-            source_boxes=self.push_box[top],
-        )
-
-    def explanation_table(
-        self,
-        images: Tensor,
-        labels: Tensor | None = None,
-        top_k: int | None = None,
-        mean: float | Sequence[float] | None = None,
-        std: float | Sequence[float] | None = None,
-    ) -> tuple[list[str], list[list[Any]]]:
-        """Columns and rows of the explanation table (one row per image and prototype rank; images are ``uint8``).
-
-        ``"this"``: the input with the prototype's similarity map; ``"looks_like_that"``: the prototype's source
-        crop with its own similarity map. Needs pushed prototypes. ``mean``/``std`` undo an input normalisation for
-        display.
-        """
-        if int(self.push_count) == 0:
-            raise ValueError("the prototypes have not been pushed yet: push() before explaining with source patches")
-        exp = self.explain(images, top_k=top_k)
-        B, k = exp.prototype_indices.shape
-        this = overlay(
-            images.detach().cpu().repeat_interleave(k, dim=0),
-            exp.similarity_maps.reshape(B * k, 1, *images.shape[2:]).cpu(),
-            signed=False,
-            mean=mean,
-            std=std,
-        )
-        columns = ["sample", "label", "prediction", "rank", "prototype", "prototype_class", "similarity",
-                   "class_weight", "contribution", "source_index", "this", "looks_like_that"]  # fmt: skip
-        predictions = exp.logits.argmax(dim=1).tolist()
-        rows: list[list[Any]] = []
-        for b in range(B):
-            for r in range(k):
-                j = int(exp.prototype_indices[b, r])
-                crop, crop_map = self.source_crop(j)
-                that = overlay(crop[None].cpu(), crop_map[None].cpu(), signed=False, mean=mean, std=std)[0]
-                rows.append([
-                    b,
-                    -1 if labels is None else int(labels[b]),
-                    predictions[b],
-                    r + 1,
-                    j,
-                    int(exp.prototype_classes[b, r]),
-                    float(exp.similarities[b, r]),
-                    float(exp.weights[b, r]),
-                    float(exp.contributions[b, r]),
-                    int(exp.source_indices[b, r]),
-                    this[b * k + r],
-                    that,
-                ])  # fmt: skip
-        return columns, rows
-
-    def log_explanations(
-        self,
-        loggers: Sequence[object] | None,
-        images: Tensor,
-        *,
-        step: int,
-        labels: Tensor | None = None,
-        top_k: int | None = None,
-        key: str = "protopnet/explanations",
-        fallback_dir: str | None = None,
-        mean: float | Sequence[float] | None = None,
-        std: float | Sequence[float] | None = None,
-    ) -> list[str]:
-        """Log :meth:`explanation_table` with :func:`~lightning_xai.viz.logging.log_table` (call on rank zero)."""
-        columns, rows = self.explanation_table(images, labels=labels, top_k=top_k, mean=mean, std=std)
-        return log_table(loggers, key, columns, rows, step=step, fallback_dir=fallback_dir)
-
-    def prototype_gallery(self, tile: int = 32, pad: int = 2) -> np.ndarray:
-        """All source patches as one ``uint8 [H, W, 3]`` image: a row per class, a column per prototype of it.
-
-        Each crop is resized (nearest neighbour) to ``tile x tile`` pixels; tiles are separated by ``pad`` white
-        pixels. Needs pushed prototypes.
-        """
-        _check_int("tile", tile, 1)
-        _check_int("pad", pad, 0)
-        if int(self.push_count) == 0:
-            raise ValueError("the prototypes have not been pushed yet: there is no gallery")
-        m = self.prototypes_per_class
-        canvas = np.full((pad + self.num_classes * (tile + pad), pad + m * (tile + pad), 3), 255, dtype=np.uint8)
-        for j in range(self.num_prototypes):
-            crop, _ = self.source_crop(j)
-            resized = F.interpolate(crop[None].float().cpu(), size=(tile, tile), mode="nearest")
-            row, col = divmod(j, m)
-            top, left = pad + row * (tile + pad), pad + col * (tile + pad)
-            canvas[top : top + tile, left : left + tile] = to_uint8_images(resized)[0]
-        return canvas
