@@ -281,3 +281,27 @@ def test_explanation_monitor_draws_pp_and_pn_columns(tmp_path):
     assert bool((monitor.previous_maps["cem_pn"].flatten(1).abs().sum(1) > 0).all())  # a real PN for each
     assert list(tmp_path.rglob("*.png"))
 
+
+
+def test_shipped_config_fast_dev_run(tmp_path):
+    """examples/configs/contrastive_explanations.yaml trains (fast_dev_run, tiny data) and draws PP / PN columns."""
+    import os
+    import warnings
+
+    from lightning_xai.callbacks import ExplanationMonitor
+    from lightning_xai.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # one fast_dev_run step: some PNs may be out of budget
+        cli = main([
+            "fit", "--config", os.path.join(root, "examples", "configs", "contrastive_explanations.yaml"),
+            "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+            "--data.init_args.n_train=32", "--data.init_args.n_val=8", "--data.init_args.n_test=8",
+            "--data.init_args.image_size=32", "--data.init_args.batch_size=16",
+        ])
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationMonitor)]
+    assert list(monitor.attributors) == ["gradcam", "cem_pp", "cem_pn"]
+    assert monitor.attributors["cem_pp"].baseline == 0.5 and monitor.attributors["cem_pn"].feature_range == (0, 1)
+    assert not monitor.errors, monitor.errors
+    assert set(monitor.previous_maps) == {"gradcam", "cem_pp", "cem_pn"}
