@@ -15,9 +15,12 @@ Two random-weight models (the cost does not depend on training):
 
 Columns: median CPU time of the method; ``ratio`` = method / reference unit of the same repetition; ``per unit``
 = ratio / number of model evaluations the method runs (IG steps; occlusion windows, against a plain forward);
-``extra MB`` = peak resident memory added while the method runs once, sampled every millisecond in this process
-(torch's large CPU buffers are ``mmap``-ed and returned on free, so the resident set follows live tensors),
-``mem x`` = that over the reference unit's. Machines are noisy: quote ratios from one run.
+``extra MB`` = peak resident memory added while the method runs once, sampled every millisecond in this process,
+``mem x`` = that over the reference unit's. With ``--memory`` the script re-executes itself with glibc's
+``MALLOC_MMAP_THRESHOLD_`` fixed at 4 KiB, so that every buffer of a page or more is ``mmap``-ed and returned on
+free and the resident set follows the live tensors (glibc's default threshold adapts upwards and then keeps freed
+buffers, which hides them); the system calls slow that run down, so quote times from a run without ``--memory``.
+Machines are noisy: quote ratios from one run.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -247,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", action="store_true", help="Captum LayerIntegratedGradients if installed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
+    if args.memory and "MALLOC_MMAP_THRESHOLD_" not in os.environ and argv is None:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(args.threads)
     vit_batch, text_batch, length, repeats = (2, 4, 32, 2) if args.quick else (8, 16, 64, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repetitions")
