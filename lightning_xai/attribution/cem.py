@@ -246,7 +246,9 @@ class ContrastiveExplanation(Attributor):
             return torch.as_tensor(self.baseline, dtype=x.dtype, device=x.device) + delta
         return x + delta
 
-    def _hinge(self, model: nn.Module, x: Tensor, target: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    def _hinge(
+        self, model: nn.Module, x: Tensor, target: Tensor, delta: Tensor, *, check: bool = True
+    ) -> tuple[Tensor, Tensor]:
         """``(hinge [B], reconstruction error [B])`` at ``delta``; the hinge without the ``-kappa`` floor is the
         margin by which the wrong side leads."""
         v = self._evaluated(x, delta)
@@ -255,7 +257,8 @@ class ContrastiveExplanation(Attributor):
             raise ValueError(
                 f"{type(self).__name__} needs class logits [B, num_classes >= 2], got shape {list(logits.shape)}"
             )
-        validate_target(target, x.shape[0], logits.shape[1])
+        if check:  # once per round: the range check reads the targets back from the device
+            validate_target(target, x.shape[0], logits.shape[1])
         t_logit = logits.gather(1, target.view(-1, 1)).squeeze(1)
         lead = _other_max(logits, target) - t_logit  # > 0: another class leads t0
         margin = lead if self.mode == "pp" else -lead
@@ -287,7 +290,7 @@ class ContrastiveExplanation(Attributor):
         for k in range(self.max_iterations):
             alpha = self.lr * (1.0 - k / self.max_iterations) ** 0.5
             y_leaf = y.detach().requires_grad_(True)
-            hinge, recon = self._hinge(model, x, target, y_leaf)
+            hinge, recon = self._hinge(model, x, target, y_leaf, check=k == 0)
             smooth = (c * hinge + self.gamma * recon).sum()
             (grad,) = torch.autograd.grad(smooth, y_leaf, allow_unused=True)
             if grad is None:
@@ -301,7 +304,7 @@ class ContrastiveExplanation(Attributor):
             delta = new
             if track:
                 with torch.no_grad():
-                    margin, _ = self._hinge(model, x, target, delta)
+                    margin, _ = self._hinge(model, x, target, delta, check=False)
                     ok = margin <= -self.kappa
                     if not self.kappa:
                         ok = margin < 0 if self.mode == "pn" else margin <= 0
