@@ -477,3 +477,16 @@ def test_a_nan_pixel_is_a_clear_error_naming_the_loss_parts():
     model = ConceptBottleneckModel(backbone=tiny_backbone())
     with pytest.raises(NonFiniteLossError, match=r"train batch 1 .*non-finite parts: \['task_loss', 'concept_loss'\]"):
         trainer(max_epochs=1).fit(model, loader)
+
+
+def test_config_dataclass_builds_the_same_model_and_round_trips():
+    from lightning_xai.models.concept_bottleneck import CBMConfig
+
+    config = CBMConfig(num_concepts=K, mode="sequential", concept_epochs=2, bottleneck="logit", head_hidden=5)
+    model = ConceptBottleneckModel.from_config(config, backbone=tiny_backbone())
+    assert model.to_config() == config
+    plain = ConceptBottleneckModel(backbone=tiny_backbone(), mode="sequential", concept_epochs=2, bottleneck="logit",
+                                   head_hidden=5)
+    assert dict(plain.hparams) == dict(model.hparams)
+    with pytest.raises(TypeError, match="expects a CBMConfig"):
+        ConceptBottleneckModel.from_config({"mode": "joint"}, backbone=tiny_backbone())

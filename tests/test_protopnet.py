@@ -568,3 +568,13 @@ def test_a_nan_pixel_is_a_clear_error_naming_the_loss_parts():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, data.tensors[1]), batch_size=8)
     with pytest.raises(NonFiniteLossError, match=r"ProtoPNet: the loss is nan at train batch 0 .*'ce'"):
         quiet_trainer(fast_dev_run=True).fit(tiny_model(), loader)
+
+
+def test_config_dataclass_builds_the_same_model_and_round_trips():
+    from lightning_xai.models.protopnet import ProtoPNetConfig
+
+    config = ProtoPNetConfig(num_classes=3, prototypes_per_class=2, prototype_dim=5, explain_samples=0, lambda_sep=0.2)
+    torch.manual_seed(0)
+    model = ProtoPNet.from_config(config, backbone=TinyTrunk())
+    assert model.to_config() == config and model.lambda_sep == 0.2
+    assert dict(model.hparams) == dict(tiny_model(lambda_sep=0.2).hparams)

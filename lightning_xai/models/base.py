@@ -21,6 +21,7 @@ One copy of what every model needs:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -45,6 +46,7 @@ __all__ = [
     "NonFiniteLossError",
     "StepOutput",
     "XAIModule",
+    "config_dataclass",
     "module_valued",
 ]
 
@@ -72,6 +74,32 @@ def module_valued(**arguments: Any) -> list[str]:
     """The names among ``arguments`` whose value is an ``nn.Module``: the ``ignore=`` list of
     ``save_hyperparameters`` (modules are saved in the state dict and passed again to ``load_from_checkpoint``)."""
     return [name for name, value in arguments.items() if isinstance(value, nn.Module)]
+
+
+def config_dataclass(cls: type, name: str, exclude: tuple[str, ...] = ()) -> type:
+    """A frozen dataclass ``name`` whose fields are ``cls.__init__``'s keyword arguments (with their defaults and
+    annotations) except ``exclude`` (typically modules such as ``backbone``): one place for a model's 15+ settings,
+    written once - the constructor's signature - so that the two never drift apart. Build a model from it with
+    ``cls.from_config(config, **modules)`` and read a model's back with ``model.to_config()`` (see :class:`XAIModule`);
+    plain keyword construction (and YAML ``init_args``) keeps working unchanged."""
+    init = inspect.unwrap(cls.__init__)
+    fields = []
+    for parameter in list(inspect.signature(init).parameters.values())[1:]:
+        if parameter.name in exclude or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = parameter.default
+        if isinstance(default, list | dict | set):
+            fields.append((parameter.name, parameter.annotation, field(default_factory=lambda d=default: type(d)(d))))
+        elif default is inspect.Parameter.empty:
+            fields.append((parameter.name, parameter.annotation))
+        else:
+            fields.append((parameter.name, parameter.annotation, field(default=default)))
+    fields.sort(key=lambda f: len(f) > 2)  # fields without defaults first
+    config = dataclasses.make_dataclass(name, fields, frozen=True, kw_only=True)
+    config.__module__ = cls.__module__
+    config.__doc__ = (f"The settings of :class:`{cls.__module__}.{cls.__name__}` (its constructor's keyword arguments "
+                      f"except {list(exclude)}); see its docstring for each field.")
+    return config
 
 
 def _nonfinite(value: Tensor) -> bool:
@@ -187,6 +215,26 @@ class XAIModule(pl.LightningModule):
         #: hyper-parameters saved instead of the constructor's arguments (e.g. a config dataclass as a plain dict,
         #: so that checkpoints load with ``weights_only=True``)
         self.hparams_overrides: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------- config
+    #: The config dataclass of the model's settings (see :func:`config_dataclass`), where it has one.
+    config_class: type | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, **modules: Any) -> XAIModule:
+        """Build the model from its :attr:`config_class` instance (``modules``: the excluded arguments, e.g.
+        ``backbone=``)."""
+        if cls.config_class is None or not isinstance(config, cls.config_class):
+            expected = cls.config_class.__name__ if cls.config_class is not None else "no config class"
+            raise TypeError(f"{cls.__name__}.from_config expects a {expected}, got {type(config).__name__}")
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **modules)
+
+    def to_config(self) -> Any:
+        """The model's settings as its :attr:`config_class` (from the saved hyper-parameters)."""
+        if self.config_class is None:
+            raise AttributeError(f"{type(self).__name__} has no config dataclass")
+        names = {f.name for f in dataclasses.fields(self.config_class)}
+        return self.config_class(**{k: v for k, v in self.hparams.items() if k in names})
 
     # ------------------------------------------------------------------------------------------------ metrics
     def set_metrics(self, metrics: MetricCollection | dict[str, Metric] | None, *, name: str = "") -> None:

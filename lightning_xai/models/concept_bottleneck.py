@@ -64,7 +64,7 @@ from lightning_xai.checks import check_int
 from lightning_xai.distributed import sum_over_ranks
 from lightning_xai.evaluation.concepts import ConceptAUROC, auc_matrix
 from lightning_xai.models.backbones import build_backbone
-from lightning_xai.models.base import StepOutput, XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule, config_dataclass
 from lightning_xai.models.cbm_interventions import (
     INTERVENTION_ORDERS,
     LOGIT_PERCENTILES,  # noqa: F401 - re-exported
@@ -82,6 +82,7 @@ __all__ = [
     "BOTTLENECKS",
     "INTERVENTION_ORDERS",
     "MODES",
+    "CBMConfig",
     "CBMLosses",
     "ConceptAUROC",
     "ConceptBottleneckModel",
@@ -132,7 +133,8 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
             intervention percentiles of a logit bottleneck.
         head_lr: learning rate of the task head (``None``: ``lr``). The head is a small model on ``k`` inputs that
             usually tolerates a larger rate, which shortens the head stage of ``"independent"``/``"sequential"``.
-        optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss: see
+            :class:`~lightning_xai.models.base.XAIModule`.
 
     Batches are ``(images, labels, concept_labels)`` with ``concept_labels`` float 0/1 ``[B, k]`` (the batches of
     :class:`~lightning_xai.data.concepts.ConceptDataModule`); ``"standard"`` also accepts ``(images, labels)``.
@@ -158,8 +160,10 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
+        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
+                         on_nonfinite_loss=on_nonfinite_loss)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
         if bottleneck not in BOTTLENECKS:
@@ -527,3 +531,8 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+#: The settings of :class:`ConceptBottleneckModel` as one frozen dataclass (every constructor argument but
+#: ``backbone``):
+#: ``ConceptBottleneckModel.from_config(CBMConfig(...), backbone=...)``; ``model.to_config()`` gives them back.
+CBMConfig = config_dataclass(ConceptBottleneckModel, "CBMConfig", exclude=("backbone",))
+ConceptBottleneckModel.config_class = CBMConfig

@@ -86,7 +86,7 @@ from torch.utils.data import Dataset
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_xai.models.base import StepOutput, XAIModule
+from lightning_xai.models.base import StepOutput, XAIModule, config_dataclass
 from lightning_xai.models.protopnet_explain import PrototypeExplanationMixin
 from lightning_xai.models.protopnet_parts import (
     _PROBE_SIZE,
@@ -108,6 +108,7 @@ from lightning_xai.viz.logging import log_image
 __all__ = [
     "STAGES",
     "ProtoPNet",
+    "ProtoPNetConfig",
     "ProtoPNetOutput",
     "PrototypeExplanation",
     "ReceptiveField",
@@ -171,7 +172,8 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
         explain_samples: after each validation epoch in which the prototypes are pushed, the first
             ``explain_samples`` validation images are explained and logged (:meth:`log_explanations`); 0 disables.
         explain_top_k: prototypes per explained image.
-        optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss: see
+            :class:`~lightning_xai.models.base.XAIModule`.
             ``lr`` is the learning rate of the add-on layers and prototypes. ``weight_decay`` applies to the trunk
             and add-on layers only (prototypes and the last layer have their own terms). ``scheduler="cosine"``
             anneals each stage's optimiser over the steps that stage gets in the whole run.
@@ -211,8 +213,10 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
+        super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
+                         on_nonfinite_loss=on_nonfinite_loss)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         _check_int("in_channels", in_channels, 1)
@@ -564,3 +568,7 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
     # ---------------------------------------------------------------------------------------------------- explain
 
 
+#: The settings of :class:`ProtoPNet` as one frozen dataclass (every constructor argument but ``backbone``):
+#: ``ProtoPNet.from_config(ProtoPNetConfig(...), backbone=...)``; ``model.to_config()`` gives them back.
+ProtoPNetConfig = config_dataclass(ProtoPNet, "ProtoPNetConfig", exclude=("backbone",))
+ProtoPNet.config_class = ProtoPNetConfig
