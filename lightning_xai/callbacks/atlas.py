@@ -37,6 +37,10 @@ class ActivationAtlas(XAICallback):
     * scalars ``<log_key>/atlas/cells`` (non-empty cells) and ``<log_key>/atlas/icon_gain`` (mean icon objective
       minus that of random inputs: positive when the visualisation works).
 
+    Cost (``benchmarks/cem_atlas.py``, CPU, 200 images of 24x24, 1200 vectors): collecting ~1.3 forward passes
+    over the images, rendering 28 cells with 32 ascent steps ~25 forward passes; the layout dominates with t-SNE
+    (~330 forward passes, ~30 s), PCA is instant - use ``method="pca"`` for an atlas every epoch.
+
     Args:
         layer: dotted name of the layer (validated at setup, with close matches); or give ``atlas``.
         atlas: a configured :class:`lightning_xai.interpretation.ActivationAtlas` (then ``layer`` and the layout
