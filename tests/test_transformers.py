@@ -166,6 +166,8 @@ def test_transformer_attribution_closed_form_on_one_linear_attention_layer():
     assert torch.allclose(result, expected, atol=1e-5)
     roll = AttentionRollout()(model, x, 1)
     assert torch.allclose(roll, 0.5 * probs[:, 0] + 0.5 * torch.eye(5)[0], atol=1e-6)
+    mean_row = AttentionRollout(query="mean")(model, x, 1)
+    assert torch.allclose(mean_row, (0.5 * probs + 0.5 * torch.eye(5)).mean(dim=1), atol=1e-6)
 
 
 def test_attention_rollout_on_a_vit_equals_the_product_of_torchs_own_attention():
@@ -219,6 +221,8 @@ def test_attention_methods_reject_bad_configuration():
         AttentionRollout(residual=2.0)
     with pytest.raises(ValueError, match="reshape must be None"):
         TransformerAttribution(reshape=(0, 4))
+    with pytest.raises(ValueError, match="query must be a token index >= 0 \\(0 = the class token\\) or 'mean'"):
+        AttentionRollout(query=None)
     with pytest.raises(ValueError, match="has no nn.MultiheadAttention"):
         AttentionRollout()(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), torch.rand(1, 3, 2, 2), 0)
     model = TextTransformer(10, 2, max_len=4).eval()

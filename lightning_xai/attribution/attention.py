@@ -49,7 +49,7 @@ from lightning_xai.attribution.base import Attributor, Target, select_scores
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.attribution.token_grid import UPSAMPLE_MODES, check_reshape, grid_to_image, infer_grid
 from lightning_xai.attribution.tokens import run_on_tokens
-from lightning_xai.checks import check_choice, check_float, check_optional_int
+from lightning_xai.checks import check_choice, check_float, check_int, check_optional_int
 
 __all__ = [
     "AttentionRecord",
@@ -289,7 +289,12 @@ class _AttentionMethod(Attributor):
             )
         self.attention = None if attention is None else list(attention)
         if query != "mean":
-            check_optional_int("query", query, minimum=0, owner=owner)
+            try:
+                check_int("query", query, minimum=0, owner=owner)
+            except ValueError:
+                raise ValueError(
+                    f"{owner}: query must be a token index >= 0 (0 = the class token) or 'mean', got {query!r}"
+                ) from None
         self.query = query
         self.prefix_tokens = check_optional_int(
             "prefix_tokens", prefix_tokens, minimum=0, owner=owner, none_means="inferred"
