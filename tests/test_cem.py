@@ -123,7 +123,7 @@ def test_pertinent_negative_adds_evidence_where_the_disc_is(flowers):
     """The class is the disc colour: the smallest addition that changes the class must recolour the disc (e.g.
     red + blue = magenta), so most of the PN's mass lies on the disc, which covers ~4 % of the image."""
     model, data = flowers
-    x, masks = data.images[:8], data.masks[:8]
+    x, masks = data.images[:16], data.masks[:16]
     with torch.no_grad():
         pred = model(x).argmax(1)
     cem = CEMPertinentNegative(feature_range=(0.0, 1.0), lr=0.1, max_iterations=40, c_steps=3)
@@ -133,13 +133,13 @@ def test_pertinent_negative_adds_evidence_where_the_disc_is(flowers):
     assert bool((result.delta >= 0).all()) and bool((x + result.delta <= 1 + 1e-6).all())  # adds, stays valid
     inside = mass_in_mask(result.delta, masks)
     area = float(masks.mean())
-    assert float(inside.mean()) > 0.5, inside  # measured ~0.77
+    assert float(inside.mean()) > 0.45, inside  # measured 0.59 on 16 images (0.04 by chance)
     assert float(inside.mean()) > 10 * area
 
 
 def test_pertinent_positive_concentrates_on_the_disc(flowers):
     model, data = flowers
-    x, masks = data.images[:8], data.masks[:8]
+    x, masks = data.images[:16], data.masks[:16]
     with torch.no_grad():
         pred = model(x).argmax(1)
     cem = CEMPertinentPositive(
@@ -152,7 +152,7 @@ def test_pertinent_positive_concentrates_on_the_disc(flowers):
     assert bool((result.delta * u >= 0).all()) and bool((result.delta.abs() <= u.abs() + 1e-6).all())  # a part
     inside = mass_in_mask(result.delta, masks)
     area = float(masks.mean())
-    # measured 0.25 of the mass on 4 % of the image (6x the chance level; two of eight PPs are >50 % disc): a
+    # measured 0.36 of the mass on 4 % of the image (9x the chance level; 0.25 on the first 8 images): a
     # PP is a sparse *sufficient* part for this small CNN, which off the data (grey background) also responds to
     # a few texture pixels; a PP drawn without regard to the evidence would sit at the chance level (~0.04)
     assert float(inside.mean()) > 5 * area, inside
