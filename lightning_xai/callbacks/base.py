@@ -55,6 +55,7 @@ from lightning_xai.callbacks.targets import ResolvedTargets, TargetSpec
 from lightning_xai.checks import check_bool, check_choice, check_int, check_optional_int
 from lightning_xai.distributed import RankFailed, Reducer, agree, default_reducer, gather_rows, run_agreed
 from lightning_xai.namespace import Callback, rank_zero_warn
+from lightning_xai.viz.dashboard import log_config
 
 __all__ = ["ConfigurationError", "ErrorLog", "ErrorRecord", "ValidationContext", "XAICallback"]
 
@@ -267,6 +268,16 @@ class XAICallback(Callback):
 
     # ------------------------------------------------------------------------------------------------ schedule
     @staticmethod
+    def logger_step(trainer: Any) -> int:
+        """The step Lightning gives the loggers for this moment's metrics (its ``_batches_that_stepped``, one less
+        than ``global_step`` at a validation epoch end), so that images and tables land on the same W&B step as the
+        epoch's metrics."""
+        try:
+            return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+        except (AttributeError, TypeError, ValueError):
+            return int(trainer.global_step)
+
+    @staticmethod
     def stage(trainer: Any) -> str:
         fn = getattr(trainer.state, "fn", None)
         return str(getattr(fn, "value", fn) or "fit")
@@ -320,6 +331,16 @@ class XAICallback(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._check_configuration(trainer, pl_module)
+        self.record_settings(trainer)
+
+    def record_settings(self, trainer: Any) -> None:
+        """Record :meth:`settings` in the run config as ``xai/<callback>/...`` (rank zero; never fails the run)."""
+        if not trainer.is_global_zero or not trainer.loggers:
+            return
+        try:
+            log_config(trainer.loggers, f"xai/{self.name}", self.settings())
+        except Exception as err:  # the config is a convenience
+            self.say_once("config", f"could not record its settings in the run config: {err}")
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self.stage(trainer) != "fit":
@@ -619,7 +640,7 @@ class XAICallback(Callback):
                 pl_module.log(key, value, on_epoch=True, on_step=False, sync_dist=True, batch_size=1)
         elif trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(finite, step=trainer.global_step)
+                logger.log_metrics(finite, step=self.logger_step(trainer))
 
     def _dir(self, trainer: Any) -> str:
         return self.output_dir or os.path.join(trainer.default_root_dir, "xai")

@@ -175,7 +175,7 @@ class EmbeddingProjector(XAICallback):
             rows,
             x="x",
             y="y",
-            step=trainer.global_step,
+            step=self.logger_step(trainer),
             title=f"{self.layer} ({self.method})",
             fallback_dir=os.path.dirname(self.output_path(trainer, "points")),  # <output_dir>/embeddingprojector
         )

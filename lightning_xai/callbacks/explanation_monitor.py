@@ -12,10 +12,18 @@ from torch import Tensor
 
 from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.callbacks.base import ValidationContext, XAICallback, method_names
-from lightning_xai.checks import check_float
+from lightning_xai.checks import check_bool, check_float
 from lightning_xai.evaluation.similarity import spearman_correlation
-from lightning_xai.viz.logging import log_image, log_table
-from lightning_xai.viz.render import explanation_grid, overlay, save_png, to_uint8_images
+from lightning_xai.viz import (
+    ScaleTracker,
+    log_explanations,
+    log_samples_table,
+    overlay,
+    render_explanations,
+    render_method_images,
+    save_png,
+    to_uint8_images,
+)
 
 __all__ = ["DEFAULT_ATTRIBUTORS", "ExplanationMonitor"]
 
@@ -46,13 +54,29 @@ class ExplanationMonitor(XAICallback):
             they are, min-max scaled when outside [0, 1]).
         alpha: heatmap opacity of the overlays.
         percentile: robust scaling of each heatmap by this percentile of its absolute values.
-        class_names: names used in captions instead of class indices.
+        class_names: names used in row labels and tables instead of class indices.
+        fixed_scale: scale each method's maps by a percentile frozen at the first logged run
+            (:class:`~lightning_xai.viz.ScaleTracker`, kept in the checkpoint), so that brightness is comparable
+            across epochs and drift shows as brightness; ``False`` scales each map by its own ``percentile``.
+        per_method_images: also log one image per method (``<log_key>/explanations/<method>``), so that one method
+            can be followed with the W&B step slider.
         **kwargs: the common callback arguments of :class:`~lightning_xai.callbacks.base.XAICallback`
             (``every_n_epochs``, ``target``, ``seed``, ``probe_batch``, ``on_error``, ``log_key``, ``split``,
             ``dataloader_idx``, ``input_key`` / ``label_key`` / ``output_key``, ``output_dir``, ...).
     """
 
     state_fields = ("history", "previous_maps")
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.scale_tracker is not None:
+            state["scale_tracker"] = self.scale_tracker.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.scale_tracker is not None and "scale_tracker" in state_dict:
+            self.scale_tracker.load_state_dict(state_dict["scale_tracker"])
 
     def __init__(
         self,
@@ -65,6 +89,8 @@ class ExplanationMonitor(XAICallback):
         alpha: float = 0.5,
         percentile: float = 99.0,
         class_names: Sequence[str] | None = None,
+        fixed_scale: bool = False,
+        per_method_images: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
@@ -81,6 +107,10 @@ class ExplanationMonitor(XAICallback):
         if self.percentile == 0.0:
             raise ValueError(f"{self.name}: percentile must be in (0, 100], got {percentile}")
         self.class_names = None if class_names is None else list(class_names)
+        self.per_method_images = check_bool("per_method_images", per_method_images, owner=self.name)
+        self.fixed_scale = check_bool("fixed_scale", fixed_scale, owner=self.name)
+        #: The frozen per-method scales (``fixed_scale=True``), resumable.
+        self.scale_tracker: ScaleTracker | None = ScaleTracker(self.percentile) if self.fixed_scale else None
         #: One record per run: stage, epoch, step and ``drift`` ({method: mean drift}) - resumable.
         self.history: list[dict[str, Any]] = []
         #: method -> the maps of the last run (the reference of the next drift).
@@ -92,7 +122,7 @@ class ExplanationMonitor(XAICallback):
         return {"attributors": sorted(self.attributors)}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "methods": list(self.attributors)}
+        return {**super().settings(), "methods": list(self.attributors), "fixed_scale": self.fixed_scale}
 
     @property
     def drift_history(self) -> dict[str, list[tuple[int, float]]]:
@@ -140,9 +170,7 @@ class ExplanationMonitor(XAICallback):
         maps = {name: self.gather_rows(m) for name, m in local_maps.items()}
         rows = resolved.rows
         images = self.gather_rows(probe.inputs[rows])
-        preds = self.gather_rows(logits[rows].argmax(1) if logits.ndim == 2 else torch.zeros_like(rows))
-        probs = self.gather_rows(torch.softmax(logits[rows].float(), 1).amax(1) if logits.ndim == 2
-                                 else torch.ones(rows.shape, device=rows.device))
+        row_logits = self.gather_rows(logits[rows])
         labels = None
         if probe.labels is not None and probe.labels.ndim == 1:
             labels = self.gather_rows(probe.labels[rows])
@@ -151,7 +179,7 @@ class ExplanationMonitor(XAICallback):
         self.last_drift = self._update_drift(maps)
         self.history.append(self.history_record(trainer, drift=dict(self.last_drift)))
         if trainer.is_global_zero and maps:
-            self._log(trainer, images, maps, labels, preds, probs, ids)
+            self._log(trainer, images, maps, labels, row_logits, ids)
         return maps
 
     def _update_drift(self, maps: dict[str, Tensor]) -> dict[str, float]:
@@ -166,59 +194,68 @@ class ExplanationMonitor(XAICallback):
             self.previous_maps[name] = current.clone()
         return drifts
 
-    def _caption(self, labels: Tensor | None, preds: Tensor, trainer: Any) -> str:
-        rows = []
-        for i in range(preds.shape[0]):
-            true = f"true {self.class_name(int(labels[i]))}, " if labels is not None else ""
-            rows.append(f"#{i}: {true}pred {self.class_name(int(preds[i]))}")
-        methods = ", ".join(["input", *self.attributors])
-        return f"{self.stage(trainer)} epoch {trainer.current_epoch} | columns: {methods} | " + "; ".join(rows)
-
     def _log(
         self,
         trainer: Any,
         images: Tensor,
         maps: dict[str, Tensor],
         labels: Tensor | None,
-        preds: Tensor,
-        probs: Tensor,
+        logits: Tensor,
         ids: Tensor | None,
     ) -> None:
-        grid = explanation_grid(
-            images, maps, mean=self.mean, std=self.std, alpha=self.alpha, percentile=self.percentile
-        )
-        step = trainer.global_step
-        caption = self._caption(labels, preds, trainer)
-        outputs = list(log_image(trainer.loggers, f"{self.log_key}/explanations", grid, step=step, caption=caption))
-        if self.png_dir != "":
-            path = self.output_path(trainer, f"{self.log_key}_explanations") if self.png_dir is None else None
-            if path is None:
-                os.makedirs(self.png_dir, exist_ok=True)
-                path = os.path.join(
-                    self.png_dir,
-                    f"{self.log_key.replace('/', '_')}_{self.stage(trainer)}_epoch{trainer.current_epoch:03d}"
-                    f"_step{step:06d}.png",
-                )
-            save_png(grid, path)
-            outputs.append(path)
-        inputs_u8 = to_uint8_images(images, mean=self.mean, std=self.std)
-        overlays = {
-            name: overlay(images, m, alpha=self.alpha, percentile=self.percentile, mean=self.mean, std=self.std)
-            for name, m in maps.items()
+        step, epoch = self.logger_step(trainer), trainer.current_epoch
+        render = {
+            "labels": labels,
+            "logits": logits if logits.ndim == 2 else None,
+            "class_names": self.class_names,
+            "row_names": None if ids is None else [f"#{int(i)}" for i in ids],
+            "epoch": epoch,
+            "step": step,
+            "title": f"{self.name} · {self.stage(trainer)}",
+            "mean": self.mean,
+            "std": self.std,
+            "alpha": self.alpha,
+            "percentile": self.percentile,
+            "scale": self.scale_tracker,
         }
-        rows = []
-        for i in range(images.shape[0]):
-            label = self.class_name(int(labels[i])) if labels is not None else ""
-            pred = self.class_name(int(preds[i]))
-            correct = bool(labels is not None and int(labels[i]) == int(preds[i]))
-            rows.append(
-                [int(ids[i]) if ids is not None else i, label, pred, float(probs[i]), correct,
-                 np.asarray(inputs_u8[i])]
-                + [np.asarray(overlays[name][i]) for name in maps]
-            )
-        columns = ["probe_index", "label", "prediction", "confidence", "correct", "input", *maps]
-        try:
-            outputs += list(log_table(trainer.loggers, f"{self.log_key}/samples", columns, rows, step=step) or [])
-        except Exception as err:  # a table is a convenience; never lose the grid because of it
-            self.say_once("table", f"could not log the sample table: {err}")
+        grid = render_explanations(images, maps, **render)
+        per_method = render_method_images(images, maps, **render) if self.per_method_images else {}
+        outputs = list(log_explanations(trainer.loggers, self.log_key, grid, per_method, step=step))
+        if self.png_dir != "":
+            if self.png_dir is None:
+                path = self.output_path(trainer, f"{self.log_key}_explanations")
+            else:
+                os.makedirs(self.png_dir, exist_ok=True)
+                stem = f"{self.log_key.replace('/', '_')}_{self.stage(trainer)}_epoch{epoch:03d}_step{step:06d}"
+                path, i = os.path.join(self.png_dir, f"{stem}.png"), 2
+                while os.path.exists(path):
+                    path, i = os.path.join(self.png_dir, f"{stem}_{i}.png"), i + 1
+            save_png(grid.image, path)
+            outputs.append(path)
+        preds = logits.argmax(1) if logits.ndim == 2 else None
+        if preds is not None:
+            probs = torch.softmax(logits.float(), 1).amax(1)
+            overlays = {
+                name: np.asarray(
+                    overlay(images, m, alpha=self.alpha, percentile=self.percentile, mean=self.mean, std=self.std)
+                )
+                for name, m in maps.items()
+            }
+            try:
+                outputs += list(
+                    log_samples_table(
+                        trainer.loggers,
+                        f"{self.log_key}/samples",
+                        predictions=preds,
+                        labels=labels,
+                        probabilities=probs,
+                        class_names=self.class_names,
+                        sample_ids=None if ids is None else ids.tolist(),
+                        images={"input": np.asarray(to_uint8_images(images, mean=self.mean, std=self.std)),
+                                **overlays},
+                        step=step,
+                    )
+                )
+            except Exception as err:  # a table is a convenience; never lose the grid because of it
+                self.say_once("table", f"could not log the sample table: {err}")
         self.last_outputs = outputs

@@ -265,7 +265,7 @@ class ClassPrototypes(XAICallback):
         return {f"{self.log_key}/mean_logit": float(good.mean())} if good.numel() else {}
 
     def _log(self, trainer: Any, images: Tensor, initial: Tensor, final: Tensor, classes: list[int]) -> None:
-        step = trainer.global_step
+        step = self.logger_step(trainer)
         folder = os.path.dirname(self.output_path(trainer, "grid"))  # <output_dir>/classprototypes
         pictures = to_uint8_images(images)
         names = [self.class_name(c) for c in classes]

@@ -253,7 +253,7 @@ class RelevantUnits(XAICallback):
     def _log(
         self, trainer: Any, pl_module: Any, result: RelevantUnitsResult, report: AblationReport | None
     ) -> None:
-        step = trainer.global_step
+        step = self.logger_step(trainer)
         folder = os.path.dirname(self.output_path(trainer, "units"))  # <output_dir>/relevantunits
         outputs: list[str] = []
         shown: list[tuple[int, int, str, int, float]] = []

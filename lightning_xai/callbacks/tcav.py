@@ -304,7 +304,7 @@ class TCAVScores(XAICallback):
                     f"{self.log_key}/scores",
                     list(TCAVResult.COLUMNS),
                     rows,
-                    step=trainer.global_step,
+                    step=self.logger_step(trainer),
                     fallback_dir=os.path.dirname(self.output_path(trainer, "scores")),  # <output_dir>/tcavscores
                 )
             )

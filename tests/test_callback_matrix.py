@@ -1,0 +1,132 @@
+"""Every callback under every Trainer configuration users run (generated: callbacks x configurations).
+
+Each cell asserts what a user can rely on: the callback either produced its output (a successful run with
+metrics) or warned once, naming itself and the reason - never silently nothing; no configuration crashes the
+run; the history records are keyed by (stage, step) and never repeat one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trainer
+from torch.utils.data import DataLoader
+
+from lightning_xai.callbacks import (
+    ClassPrototypes,
+    DissectionScores,
+    EmbeddingProjector,
+    ExplanationMonitor,
+    ExplanationQuality,
+    RelevantUnits,
+    SanityCheck,
+    TCAVScores,
+)
+from lightning_xai.data.concepts import ConceptScenes
+from lightning_xai.namespace import pl
+
+
+def _concepts() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    data = blob_dataset(60, 16, seed=5)
+    images, labels = data.tensors[0], data.tensors[1]
+    return {"left": images[labels == 0][:10], "right": images[labels == 2][:10]}, images[:40]
+
+
+#: name -> factory of a small instance of every callback of the library.
+CALLBACKS: dict[str, Callable[[], Any]] = {
+    "ExplanationMonitor": lambda: ExplanationMonitor(["saliency", {"name": "gradcam", "layer": "features"}],
+                                                     num_samples=4),
+    "ExplanationQuality": lambda: ExplanationQuality(["saliency"], metrics=["deletion_auc", "mask_iou"],
+                                                     metric_kwargs={"deletion_auc": {"steps": 4}}, num_samples=4),
+    "SanityCheck": lambda: SanityCheck(["saliency"], num_samples=3, every_n_epochs=1),
+    "SanityCheckAtEnd": lambda: SanityCheck(["saliency"], num_samples=3),
+    "DissectionScores": lambda: DissectionScores("features", probe_dataset=ConceptScenes(size=24, image_size=24),
+                                                 num_samples=16),
+    "TCAVScores": lambda: TCAVScores("features.3", *_concepts()[:1], random_examples=_concepts()[1], num_random=2,
+                                     num_samples=6),
+    "RelevantUnits": lambda: RelevantUnits("features.3", num_samples=12, ablation=False),
+    "ClassPrototypes": lambda: ClassPrototypes(steps=2, batch_size=2),
+    "EmbeddingProjector": lambda: EmbeddingProjector("features", num_samples=8),
+}
+
+
+class TwoValLoaders(BlobData):
+    def val_dataloader(self):
+        return [DataLoader(self.val_set, batch_size=8), DataLoader(self.val_set, batch_size=8)]
+
+
+class NoValLoader(BlobData):
+    val_dataloader = None  # type: ignore[assignment]
+
+
+class MultiLoaderClassifier(TinyClassifier):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return super().validation_step(batch, batch_idx)
+
+
+def _run(cfg: str, callback: Any, tmp_path) -> Any:
+    pl.seed_everything(0)
+    model: Any = TinyClassifier()
+    data: Any = BlobData()
+    kwargs: dict[str, Any] = {"max_epochs": 2, "default_root_dir": str(tmp_path)}
+    if cfg == "max_steps_mid_epoch":
+        kwargs.update(max_steps=2)  # 3 training batches per epoch: stops before the first validation
+    elif cfg == "limit_val_batches_0":
+        kwargs.update(limit_val_batches=0)
+    elif cfg == "no_val_loader":
+        data = NoValLoader()
+    elif cfg == "two_val_loaders":
+        data, model = TwoValLoaders(), MultiLoaderClassifier()
+    elif cfg == "val_check_interval_half":
+        kwargs.update(val_check_interval=0.5)
+    elif cfg == "fast_dev_run":
+        kwargs.update(fast_dev_run=True, max_epochs=1)
+    elif cfg == "logger_false":
+        kwargs.update(logger=False)
+    trainer = quiet_trainer(callbacks=[callback], **kwargs)
+    trainer.fit(model, datamodule=data)
+    if cfg == "validate_after_fit":
+        trainer.validate(model, datamodule=data, verbose=False)
+    return trainer
+
+
+CONFIGS = [
+    "default",
+    "max_steps_mid_epoch",
+    "limit_val_batches_0",
+    "no_val_loader",
+    "two_val_loaders",
+    "val_check_interval_half",
+    "validate_after_fit",
+    "fast_dev_run",
+    "logger_false",
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_callback_produces_output_or_says_why(name, cfg, tmp_path):
+    callback = CALLBACKS[name]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(cfg, callback, tmp_path)
+    mine = [str(w.message) for w in caught if str(w.message).startswith(callback.name)]
+    assert not callback.errors, [str(e) for e in callback.errors]
+    produced = bool(callback.last_metrics)
+    assert produced or mine, f"{name} under {cfg}: no output and no warning naming it"
+    assert len(mine) == len(set(mine)), f"{name} repeated a warning: {mine}"
+    if cfg in ("max_steps_mid_epoch", "limit_val_batches_0") and callback.every_n_epochs is not None:
+        assert any("end of fit" in m for m in mine), mine
+    reads_val_loaders = callback.split == "val" and callback.given_dataset is None and callback.probe is not None
+    if cfg == "two_val_loaders" and reads_val_loaders and getattr(callback, "probe_dataset", None) is None:
+        assert any("loader" in m for m in mine), mine
+    history = getattr(callback, "history", None)
+    if isinstance(history, list) and history and isinstance(history[0], dict) and "step" in history[0]:
+        keys = [(h["stage"], h["step"]) for h in history]
+        assert len(keys) == len(set(keys)), f"{name} history repeats a (stage, step): {keys}"
+        if cfg == "validate_after_fit":
+            assert [h["stage"] for h in history][-1] == "validate"
