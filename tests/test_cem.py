@@ -305,3 +305,40 @@ def test_shipped_config_fast_dev_run(tmp_path):
     assert monitor.attributors["cem_pp"].baseline == 0.5 and monitor.attributors["cem_pn"].feature_range == (0, 1)
     assert not monitor.errors, monitor.errors
     assert set(monitor.previous_maps) == {"gradcam", "cem_pp", "cem_pn"}
+
+
+def test_non_finite_model_output_is_reported_not_explained():
+    class NaNModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            out = self.linear(x)
+            return torch.where(torch.arange(x.shape[0])[:, None] == 1, torch.full_like(out, float("nan")), out)
+
+    with pytest.raises(FloatingPointError, match=r"NaN or inf for sample\(s\) \[1\]"):
+        ContrastiveExplanation(mode="pp", max_iterations=3, c_steps=1)(NaNModel(), torch.rand(3, 4), 0)
+
+
+def test_non_finite_values_during_the_search_are_reported():
+    """A model that is finite at the start but NaN once the input moves: reported, never a 'not found' zero map."""
+
+    class Cliff(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x):
+            out = self.linear(x)
+            return torch.where(x.abs().sum(1, keepdim=True) > 10.0, torch.full_like(out, float("nan")), out)
+
+    torch.manual_seed(0)
+    model = Cliff()
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]))
+        model.linear.bias.zero_()
+    x = torch.full((2, 4), 2.4)  # class 0 leads by 9.6; the first step (c = 100) takes sum(|x|) past 10: NaN
+    cem = ContrastiveExplanation(mode="pn", direction="any", max_iterations=20, c_steps=1, lr=0.5, c_init=100.0)
+    with pytest.raises(FloatingPointError, match=r"became NaN or inf during the search for sample\(s\) \[0, 1\]"):
+        cem(model, x, 0)

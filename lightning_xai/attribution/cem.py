@@ -257,8 +257,13 @@ class ContrastiveExplanation(Attributor):
             raise ValueError(
                 f"{type(self).__name__} needs class logits [B, num_classes >= 2], got shape {list(logits.shape)}"
             )
-        if check:  # once per round: the range check reads the targets back from the device
+        if check:  # once per round: these checks read values back from the device
             validate_target(target, x.shape[0], logits.shape[1])
+            finite = torch.isfinite(logits).all(dim=1)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten().tolist()
+                raise FloatingPointError(f"{type(self).__name__}: the model output is NaN or inf for sample(s) {bad} "
+                                         "of the chunk; no contrastive explanation can be scored")
         t_logit = logits.gather(1, target.view(-1, 1)).squeeze(1)
         lead = _other_max(logits, target) - t_logit  # > 0: another class leads t0
         margin = lead if self.mode == "pp" else -lead
@@ -287,6 +292,7 @@ class ContrastiveExplanation(Attributor):
         y = delta.clone()
         best = torch.zeros_like(x)
         best_cost = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+        nonfinite = torch.zeros(n, dtype=torch.bool, device=x.device)  # checked once, after the round
         for k in range(self.max_iterations):
             alpha = self.lr * (1.0 - k / self.max_iterations) ** 0.5
             y_leaf = y.detach().requires_grad_(True)
@@ -305,6 +311,7 @@ class ContrastiveExplanation(Attributor):
             if track:
                 with torch.no_grad():
                     margin, _ = self._hinge(model, x, target, delta, check=False)
+                    nonfinite |= ~torch.isfinite(margin) | ~torch.isfinite(delta.flatten(1)).all(dim=1)
                     ok = margin <= -self.kappa
                     if not self.kappa:
                         ok = margin < 0 if self.mode == "pn" else margin <= 0
@@ -312,6 +319,10 @@ class ContrastiveExplanation(Attributor):
                     better = ok & (cost < best_cost)
                     best = torch.where(_per_row(better, x.ndim), delta, best)
                     best_cost = torch.where(better, cost, best_cost)
+        if bool(nonfinite.any()):
+            bad = nonfinite.nonzero().flatten().tolist()
+            raise FloatingPointError(f"{type(self).__name__}: the model output or its gradient became NaN or inf "
+                                     f"during the search for sample(s) {bad} of the chunk; not explained")
         return delta, best, best_cost, torch.isfinite(best_cost)
 
     def _explain(self, model: nn.Module, inputs: Tensor, target: Target) -> CEMResult:
