@@ -461,3 +461,18 @@ def test_attnlrp_keeps_the_contract_and_explains_tokens():
         AttnLRP()(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(3, 4), 0)
     with pytest.raises(ValueError, match="AttnLRP: unknown attention_rule"):
         AttnLRP(attention_rule="gamma")
+
+
+def test_transformers_example_runs(tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "transformers.py")
+    spec = importlib.util.spec_from_file_location("transformers_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    html, png = example.main(["--quick", "--out", str(tmp_path)])
+    page = open(html, encoding="utf-8").read()
+    assert page.count('<div style="font-family:monospace') == 3 * 4  # 3 methods x 4 sequences
+    assert "key" in page and "[PAD]" not in page
+    assert os.path.getsize(png) > 1000
