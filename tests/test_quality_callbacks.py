@@ -256,8 +256,7 @@ def test_quality_default_cost_is_bounded():
     quality = ExplanationQuality()
     assert quality.probe.num_samples == 16 and list(quality.attributors) == ["saliency", "gradcam"]
     deletion = quality._new_metric("deletion_auc")
-    assert deletion.steps == 64, "the curve keeps its resolution; only the chunking is larger"
-    assert deletion.batch_size == 128
+    assert deletion.steps == 64, "the curve keeps its resolution: only the probe is smaller"
 
 
 def test_sanity_wrong_layer_raises_at_setup_with_close_names(tmp_path):
