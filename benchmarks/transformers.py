@@ -243,6 +243,63 @@ def run_captum_peer(setup, steps: int, repeats: int) -> None:
     )
 
 
+def run_gradcam_peer(setup, layer: str, repeats: int) -> None:
+    """Our GradCAM on a ViT token layer (patch grid inferred) next to pytorch-grad-cam's GradCAM with the
+    ``reshape_transform`` its documentation asks ViT users to write (drop the class token, lay out the grid)."""
+    try:
+        from pytorch_grad_cam import GradCAM as LibraryGradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError:
+        print("\npytorch-grad-cam is not installed: peer comparison skipped")
+        return
+    import copy
+
+    model, x, target, _, _ = setup
+    peer_model = copy.deepcopy(model)
+    module = dict(peer_model.named_modules())[layer]
+    side = round((module_tokens(peer_model, x, layer) - 1) ** 0.5)
+
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 1:].reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+
+    try:
+        ours = build_attributor({"name": "gradcam", "layer": layer})
+        a = ours(model, x, target)
+    except (ValueError, TypeError) as err:
+        print(f"\npeer: GradCAM on a ViT token layer: n/a ({str(err)[:100]})")
+        return
+    targets = [ClassifierOutputTarget(int(c)) for c in target]
+
+    def peer() -> torch.Tensor:
+        with LibraryGradCAM(model=peer_model, target_layers=[module], reshape_transform=reshape) as cam:
+            return torch.from_numpy(cam(input_tensor=x.clone(), targets=targets)).unsqueeze(1)
+
+    b = peer()
+    t_ours = [cpu_time(lambda: ours(model, x, target)) for _ in range(repeats)]
+    t_peer = [cpu_time(peer) for _ in range(repeats)]
+    flat = a.flatten(1)
+    low, span = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True)
+    a01 = ((flat - low) / torch.where(span > 0, span, torch.ones_like(span))).view_as(a)  # the peer's min-max
+    rel = float((a01 - b.to(a01.dtype)).abs().amax())
+    print(
+        f"\npeer: GradCAM on {layer} (ours: grid inferred) {statistics.median(t_ours) * 1e3:.1f} ms | "
+        f"pytorch-grad-cam with reshape_transform {statistics.median(t_peer) * 1e3:.1f} ms | ours/peer "
+        f"{statistics.median(t_ours) / statistics.median(t_peer):.2f} | max diff after min-max {rel:.2e}"
+    )
+
+
+def module_tokens(model: torch.nn.Module, x: torch.Tensor, layer: str) -> int:
+    """The token count of ``layer``'s output for ``x``."""
+    shapes: list[int] = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda _m, _i, o: shapes.append(o.shape[1]))
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        handle.remove()
+    return shapes[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -257,9 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     vit_batch, text_batch, length, repeats = (2, 4, 32, 2) if args.quick else (8, 16, 64, args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repetitions")
+    vit = vit_setup(vit_batch)
     run_table(
         f"ViT (vit_tiny 64x64 / 8x8 patches, width 64, 4 blocks, 4 heads), batch {vit_batch}",
-        vit_setup(vit_batch),
+        vit,
         vit_cases(),
         repeats,
         args.memory,
@@ -273,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         args.memory,
     )
     if args.peers:
+        run_gradcam_peer(vit, "encoder.layers.encoder_layer_3.ln_1", repeats)
         run_captum_peer(text, 32, repeats)
 
 
