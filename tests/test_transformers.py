@@ -269,21 +269,27 @@ def _trainer(**kwargs) -> pl.Trainer:
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
+        default_root_dir=kwargs.pop("default_root_dir", None),
         enable_progress_bar=False,
         enable_model_summary=False,
         **kwargs,
     )
 
 
-def test_text_classifier_learns_the_planted_keys():
+def test_text_classifier_learns_the_planted_keys(tmp_path):
     pl.seed_everything(0)
     data = PlantedTokensDataModule(n_train=512, n_val=128, n_test=64, batch_size=32, min_length=10)
     model = TextClassifier(vocab_size=data.vocab_size, num_classes=data.num_classes, max_len=data.seq_len)
-    trainer = _trainer(max_epochs=2)
+    trainer = _trainer(max_epochs=2, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=data)
     assert trainer.callback_metrics["val_acc"] > 0.9
     # the embedding layer is named for the token attributions
     assert isinstance(dict(model.named_modules())["backbone.embedding"], nn.Embedding)
+    # the checkpoint restores the configuration and the weights
+    trainer.save_checkpoint(tmp_path / "text.ckpt")
+    restored = TextClassifier.load_from_checkpoint(tmp_path / "text.ckpt")
+    ids = data.dataset("val").tokens[:4]
+    assert torch.equal(restored.eval()(ids), model.eval()(ids))
 
 
 def test_vit_classifier_trains_on_the_ground_truth_images():
