@@ -370,3 +370,17 @@ def test_tokens_render_as_html_and_text():
     assert shared.count("<span") == 8 and "rgba(214,39,40,0.500)" in shared
     with pytest.raises(ValueError, match="one score per token"):
         tokens_to_text(tokens, scores[:3])
+
+
+def test_token_maps_are_scored_by_the_localization_metrics_as_one_row_images():
+    """A token map [B, T] and its key mask [B, T] viewed as [B, 1, T] images: the library's metrics apply as is."""
+    from lightning_xai.evaluation.localization import pointing_game, relevance_mass
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 12, generator=generator)
+    masks = (torch.rand(6, 12, generator=generator) < 0.3).float()
+    masks[:, 0] = 1
+    mass = relevance_mass(scores[:, None], masks[:, None])
+    assert torch.allclose(mass, (scores * masks).sum(1) / scores.sum(1))
+    hits = pointing_game(scores[:, None], masks[:, None])
+    assert torch.equal(hits, masks.gather(1, scores.argmax(1, keepdim=True))[:, 0])
