@@ -238,3 +238,19 @@ def test_dataset_is_the_common_name_of_probe_dataset():
         DissectionScores("features", dataset=data, probe_dataset=data)
     with pytest.raises(ValueError, match="concept dataset"):
         DissectionScores("features", dataset=[1, 2])
+
+
+def test_validate_after_fit_writes_beside_not_over_the_fit_tables(tmp_path):
+    """Issue 19.6: trainer.validate after fit (same global step) keeps the fit's files and appends to history."""
+    callback = DissectionScores("features.3", num_samples=8, output_dir=str(tmp_path / "out"), num_rendered_units=0)
+    pl.seed_everything(0)
+    model = TinyClassifier(num_classes=4)
+    data = _concept_data()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path))
+    trainer.fit(model, data)
+    fit_table = tmp_path / "out" / f"xai_dissection_units_step{trainer.global_step}.csv"
+    before = fit_table.read_text()
+    trainer.validate(model, datamodule=data, verbose=False)
+    assert fit_table.read_text() == before
+    assert (tmp_path / "out" / "validate" / fit_table.name).exists()
+    assert [h["stage"] for h in callback.history] == ["fit", "validate"]

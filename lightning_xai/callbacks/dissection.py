@@ -317,7 +317,11 @@ class DissectionScores(XAICallback):
     def _fallback(self, trainer: Any) -> str | None:
         if self.tables_dir == "":
             return None
-        return self.tables_dir or f"{self._dir(trainer)}/{self.name.lower()}"
+        folder = self.tables_dir or f"{self._dir(trainer)}/{self.name.lower()}"
+        stage = self.stage(trainer)
+        # a validate / test run after fit has the fit's last step: its files go to their own folder, never over
+        # the fit's (issue 19.6)
+        return folder if stage == "fit" else f"{folder}/{stage}"
 
     def _table(self, trainer: Any, name: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
         self.last_outputs.extend(

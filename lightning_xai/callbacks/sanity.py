@@ -212,6 +212,8 @@ class SanityCheck(XAICallback):
     def _log(self, trainer: Any) -> None:
         step = trainer.global_step
         folder = os.path.join(self._dir(trainer), self.name.lower())
+        if self.stage(trainer) != "fit":  # never over the files of the fit's last step
+            folder = os.path.join(folder, self.stage(trainer))
         outputs: list[str] = []
         rows = []
         for method, res in self.results.items():
