@@ -161,8 +161,15 @@ def test_token_occlusion_closed_form_and_windows(linear_tokens):
     manual[:, -1] = pair[:, -1]
     manual[:, 1:-1] = (pair[:, :-1] + pair[:, 1:]) / 2
     assert torch.allclose(occ2, manual, atol=1e-6)
-    skipped = TokenOcclusion(mask_token=MASK_TOKEN, skip_tokens=[0])(model, ids, 0)
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        skipped = TokenOcclusion(mask_token=MASK_TOKEN, skip_tokens=[0])(model, ids, 0)
+    finally:
+        handle.remove()
     assert (skipped[ids == 0] == 0).all() and torch.allclose(skipped[ids != 0], expected[ids != 0], atol=1e-6)
+    # padding windows are not evaluated: the unoccluded batch plus one sequence per non-padding token
+    assert sum(rows) == ids.shape[0] + int((ids != 0).sum())
 
 
 def test_token_surrogates_recover_the_token_effects_of_an_additive_model(linear_tokens):

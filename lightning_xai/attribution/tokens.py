@@ -390,7 +390,8 @@ class TokenOcclusion(TokenAttributor):
     Networks through Representation Erasure", arXiv:1612.08220, 2016). Every window of ``window`` consecutive
     positions (stride 1) is evaluated with its non-skipped tokens replaced by ``mask_token``; each token's score
     is the mean of ``s(x) - s(x_occluded)`` over the windows that cover it. Model-agnostic (no embedding layer,
-    no gradient). Cost: ``B * (T - window + 1)`` forward passes in chunks of ``batch_size``.
+    no gradient). Cost: at most ``B * (T - window + 1)`` forward passes in chunks of ``batch_size`` (windows made
+    of skipped tokens only, e.g. padding, are not evaluated).
 
     Args:
         mask_token: the id that replaces occluded tokens (a ``[MASK]``/``[UNK]``/pad id).
@@ -428,11 +429,14 @@ class TokenOcclusion(TokenAttributor):
             total = torch.zeros(batch, length, dtype=scores.dtype, device=ids.device)
             count = torch.zeros(batch, length, dtype=scores.dtype, device=ids.device)
             offsets = torch.arange(self.window, device=ids.device)
-            # row r of the (windows x batch) grid is window w = r // batch of sample b = r % batch
-            for sl in chunk_slices(batch * starts, self.batch_size):
-                rows = torch.arange(sl.start, sl.stop, device=ids.device)
-                w, b = rows // batch, rows % batch
-                positions = w[:, None] + offsets  # [n, window]
+            # the (window, sample) pairs with something to occlude, window-major; windows of skipped tokens only
+            # (padding) change nothing and are not evaluated
+            windows = torch.arange(starts, device=ids.device)[:, None] + offsets  # [starts, window]
+            useful = (~skip[:, windows]).any(dim=2).T  # [starts, B]
+            pairs_w, pairs_b = useful.nonzero(as_tuple=True)
+            for sl in chunk_slices(pairs_w.numel(), self.batch_size):
+                w, b = pairs_w[sl], pairs_b[sl]
+                positions = windows[w]  # [n, window]
                 occluded = ids[b].clone()
                 keep = skip[b].gather(1, positions)
                 occluded.scatter_(1, positions, torch.where(keep, occluded.gather(1, positions), self.mask_token))
