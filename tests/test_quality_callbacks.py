@@ -304,3 +304,21 @@ def test_sanity_takes_configured_model_randomization(tmp_path):
     quiet_trainer(max_epochs=1, callbacks=[check], default_root_dir=str(tmp_path)).fit(TinyClassifier(), BlobData())
     assert check.results["saliency"]["layers"] == ["original", "head"]
     assert len(check.results["gradcam"]["layers"]) > 2
+
+
+def test_sanity_nonfinite_logits_are_reported_not_checked(tmp_path):
+    """Issue 19.10: samples with NaN outputs are left out; with none left there is no (pass/fail) result."""
+    data = MarkedData()
+    check = SanityCheck(["saliency"], num_samples=24, every_n_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_epochs=1, callbacks=[check], default_root_dir=str(tmp_path)).fit(NaNOnMarked(), data)
+    assert check.results["saliency"]["num_samples"] == 22
+    assert any("NaN or inf for probe sample" in str(w.message) for w in caught)
+    data.val_set.tensors[0][:, 0, 0, 0] = 10.0  # every sample's output is NaN now
+    nothing = SanityCheck(["saliency"], num_samples=4, every_n_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_epochs=1, callbacks=[nothing], default_root_dir=str(tmp_path)).fit(NaNOnMarked(), data)
+    assert nothing.results == {}
+    assert any("SanityCheck: saliency: no probe sample could be checked" in str(w.message) for w in caught)

@@ -177,7 +177,8 @@ class SanityCheck(XAICallback):
         run_rows = rows if n else torch.zeros(1, dtype=torch.long, device=rows.device)
         target = resolved.target
         if isinstance(target, Tensor) and not n:
-            target = logits[:1].argmax(dim=1) if logits.ndim == 2 and logits.shape[0] else torch.zeros(1).long()
+            target = (logits[:1].argmax(dim=1) if logits.ndim == 2 and logits.shape[0]
+                      else torch.zeros(1, dtype=torch.long, device=rows.device))
         inputs = probe.inputs[run_rows]
         model = self.layer_module(pl_module)
         results: dict[str, dict[str, Any]] = {}
@@ -193,6 +194,9 @@ class SanityCheck(XAICallback):
             if not self.agree(ok) or result is None:
                 continue
             gathered = self.gather_rows(per_sample.float())  # [total, steps], every rank
+            if gathered.shape[0] == 0:
+                self.say_once(f"unchecked-{method}", f"{method}: no probe sample could be checked; no result")
+                continue
             result.similarities = {self.similarity: gathered.t().double()}
             curve = result.curve(self.similarity)
             top = min(self.top_layers, len(result.layers))
