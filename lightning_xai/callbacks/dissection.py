@@ -18,7 +18,7 @@ from lightning_xai.distributed import shard_bounds
 from lightning_xai.interpretation.compositional import CompositionalExplanation
 from lightning_xai.interpretation.dissection import TABLE_COLUMNS, DissectionResult, NetworkDissection
 from lightning_xai.viz.logging import log_table
-from lightning_xai.viz.render import overlay
+from lightning_xai.viz.render import overlay, tile_images
 
 __all__ = ["DissectionScores"]
 
@@ -403,12 +403,7 @@ class DissectionScores(XAICallback):
             rows = torch.tensor([position[i] for i in chosen[unit]])
             tiles = overlay(images[rows].detach().cpu(), masks[rows, column : column + 1].float(), alpha=0.5,
                             signed=False, percentile=100.0, mean=self.mean, std=self.std)
-            n, height, width = tiles.shape[:3]
-            strip = np.full((height + 2 * pad, n * (width + pad) + pad, 3), 255, dtype=np.uint8)
-            for i in range(n):
-                x0 = pad + i * (width + pad)
-                strip[pad : pad + height, x0 : x0 + width] = tiles[i]
-            strips[unit] = strip
+            strips[unit] = tile_images(np.asarray(tiles), pad=pad)
         return strips
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
