@@ -358,7 +358,13 @@ def test_token_attributions_point_at_the_planted_keys(trained_text_model, method
 
 
 def test_tokens_render_as_html_and_text():
-    from lightning_xai.viz.text import batch_to_html, tokens_to_html, tokens_to_text
+    from lightning_xai.viz.text import batch_to_html, decode_tokens, tokens_to_html, tokens_to_text
+
+    assert decode_tokens(torch.tensor([[0, 2], [5, 1]]), ["[PAD]", "[MASK]", "a"]) == [
+        ["[PAD]", "a"],
+        ["<5>", "[MASK]"],
+    ]
+    assert decode_tokens([3, 4]) == ["3", "4"] and decode_tokens([3], lambda i: f"t{i}") == ["t3"]
 
     tokens = ["the", "<b>", "key", "[PAD]"]
     scores = torch.tensor([0.5, -1.0, 2.0, 0.0])

@@ -18,18 +18,39 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from lightning_xai.checks import check_float, check_optional_int
 
-__all__ = ["batch_to_html", "tokens_to_html", "tokens_to_text"]
+__all__ = ["batch_to_html", "decode_tokens", "tokens_to_html", "tokens_to_text"]
 
 #: RGB of positive and negative evidence (the colours of the signed heatmaps: red / blue).
 POSITIVE_RGB = (214, 39, 40)
 NEGATIVE_RGB = (31, 119, 180)
+
+
+def decode_tokens(
+    ids: Tensor | Sequence[int], vocabulary: Sequence[str] | Callable[[int], str] | None = None
+) -> list[str] | list[list[str]]:
+    """Token ids (``[T]`` or ``[B, T]``) as strings for rendering: ``vocabulary`` is a list of names (e.g.
+    :attr:`~lightning_xai.data.tokens.PlantedTokens.token_names`), a callable ``id -> str`` (e.g. a HuggingFace
+    tokenizer's ``convert_ids_to_tokens``) or ``None`` (the ids themselves). Ids outside a list are shown as
+    ``"<id>"``, never silently as another token."""
+    values = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    if values and isinstance(values[0], list):
+        return [decode_tokens(row, vocabulary) for row in values]  # type: ignore[misc]
+
+    def name(i: int) -> str:
+        if vocabulary is None:
+            return str(i)
+        if callable(vocabulary):
+            return str(vocabulary(i))
+        return str(vocabulary[i]) if 0 <= i < len(vocabulary) else f"<{i}>"
+
+    return [name(int(i)) for i in values]
 
 
 def _scores(tokens: Sequence[str], scores: Tensor | Sequence[float], owner: str) -> list[float]:
