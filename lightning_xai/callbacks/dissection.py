@@ -16,9 +16,9 @@ from lightning_xai.callbacks.probe import split_sample
 from lightning_xai.checks import check_int, suggest
 from lightning_xai.distributed import shard_bounds
 from lightning_xai.interpretation.compositional import CompositionalExplanation
-from lightning_xai.interpretation.dissection import TABLE_COLUMNS, DissectionResult, NetworkDissection
+from lightning_xai.interpretation.dissection import TABLE_COLUMNS, DissectionResult, NetworkDissection, mask_overlay
 from lightning_xai.viz.logging import log_table
-from lightning_xai.viz.render import overlay, tile_images
+from lightning_xai.viz.render import tile_images
 
 __all__ = ["DissectionScores"]
 
@@ -401,8 +401,9 @@ class DissectionScores(XAICallback):
         strips: dict[int, np.ndarray] = {}
         for column, unit in enumerate(order):
             rows = torch.tensor([position[i] for i in chosen[unit]])
-            tiles = overlay(images[rows].detach().cpu(), masks[rows, column : column + 1].float(), alpha=0.5,
-                            signed=False, percentile=100.0, mean=self.mean, std=self.std)
+            tiles = mask_overlay(
+                images[rows], masks[rows, column : column + 1], alpha=0.5, mean=self.mean, std=self.std
+            )
             strips[unit] = tile_images(np.asarray(tiles), pad=pad)
         return strips
 

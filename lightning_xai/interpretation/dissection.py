@@ -74,6 +74,7 @@ __all__ = [
     "NetworkDissection",
     "categories_from_names",
     "dissect",
+    "mask_overlay",
     "upsample_bilinear",
 ]
 
@@ -98,6 +99,25 @@ def _agree(reducer: Reducer, error: BaseException | None, stage: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ dissection
+def mask_overlay(
+    images: Tensor,
+    masks: Tensor,
+    *,
+    alpha: float = 0.5,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Binary unit masks ``[n, 1, H, W]`` drawn on ``images [n, C, H, W]``: the warm end of the colour map of
+    :func:`lightning_xai.viz.render.overlay` (weight ``alpha``) inside the mask, the plain grayscale image outside
+    it (whatever colour the map gives to zero). ``uint8 [n, H, W, 3]``."""
+    kwargs = {"signed": False, "percentile": 100.0, "mean": mean, "std": std}
+    images, masks = images.detach().cpu(), masks.detach().cpu().float()
+    coloured = overlay(images, masks, alpha=alpha, **kwargs)
+    plain = overlay(images, masks, alpha=0.0, **kwargs)
+    inside = masks.reshape(coloured.shape[0], *coloured.shape[1:3], 1).numpy() > 0.5
+    return np.where(inside, coloured, plain)
+
+
 class NetworkDissection:
     """Network dissection of one layer (see the module docstring); a configured, model-independent callable.
 
@@ -394,14 +414,13 @@ class NetworkDissection:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> np.ndarray:
-        """A strip of ``images`` side by side, each with the unit's thresholded mask ``M_k`` overlaid (yellow on
-        the grayscale image, :func:`lightning_xai.viz.render.overlay`): ``uint8 [H, n * (W + pad) + pad, 3]``."""
+        """A strip of ``images`` side by side, each with the unit's thresholded mask ``M_k`` overlaid (the warm end
+        of the colour map, :func:`lightning_xai.viz.render.overlay`, inside the mask; the plain grayscale image
+        outside it): ``uint8 [H, n * (W + pad) + pad, 3]``."""
         if not isinstance(images, Tensor) or images.ndim != 4:
             raise ValueError(f"images must be a tensor [n, C, H, W], got {getattr(images, 'shape', images)!r}")
         masks = self.unit_masks(model, images, [int(unit)], torch.tensor([float(threshold)]), tuple(images.shape[-2:]))
-        tiles = overlay(
-            images.detach().cpu(), masks.cpu().float(), alpha=alpha, signed=False, percentile=100.0, mean=mean, std=std
-        )
+        tiles = mask_overlay(images, masks, alpha=alpha, mean=mean, std=std)
         n, height, width = tiles.shape[:3]
         strip = np.full((height + 2 * pad, n * (width + pad) + pad, 3), 255, dtype=np.uint8)
         for i in range(n):
