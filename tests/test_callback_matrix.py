@@ -1,8 +1,9 @@
 """Every callback under every Trainer configuration users run (generated: callbacks x configurations).
 
-Each cell asserts what a user can rely on: the callback either produced its output (a successful run with
-metrics) or warned once, naming itself and the reason - never silently nothing; no configuration crashes the
-run; the history records are keyed by (stage, step) and never repeat one.
+Each cell asserts what a user can rely on: the callback produced its output (a successful run with metrics) in
+every configuration - falling back to the end of fit when no validation epoch ended, and then saying so once,
+naming itself; no warning repeats; no configuration crashes the run; history records are keyed by (stage, step)
+and never repeat one.
 """
 
 from __future__ import annotations
@@ -116,8 +117,7 @@ def test_callback_produces_output_or_says_why(name, cfg, tmp_path):
         _run(cfg, callback, tmp_path)
     mine = [str(w.message) for w in caught if str(w.message).startswith(callback.name)]
     assert not callback.errors, [str(e) for e in callback.errors]
-    produced = bool(callback.last_metrics)
-    assert produced or mine, f"{name} under {cfg}: no output and no warning naming it"
+    assert callback.last_metrics, f"{name} under {cfg}: no output (warnings naming it: {mine})"
     assert len(mine) == len(set(mine)), f"{name} repeated a warning: {mine}"
     if cfg in ("max_steps_mid_epoch", "limit_val_batches_0") and callback.every_n_epochs is not None:
         assert any("end of fit" in m for m in mine), mine

@@ -252,3 +252,16 @@ def test_scatter_and_bad_input(tmp_path):
         log_explanations([], "xai", np.zeros((4, 4, 3), np.float32), step=0)
     with pytest.raises(TypeError, match="mapping"):
         log_config([], "xai/M", [1, 2])
+
+
+def test_files_are_never_overwritten_at_the_same_step(tmp_path):
+    """A trainer.validate after fit logs at the same step as the last fit epoch: both files are kept."""
+    from lightning_xai.viz.logging import unique_stem
+
+    first = log_image(None, "xai/grid", _image(0), step=3, fallback_dir=tmp_path)
+    second = log_image(None, "xai/grid", _image(1), step=3, fallback_dir=tmp_path)
+    assert first != second and all(os.path.exists(p) for p in first + second)
+    log_table(None, "xai/t", ["a"], [[1]], step=3, fallback_dir=tmp_path)
+    log_table(None, "xai/t", ["a"], [[2]], step=3, fallback_dir=tmp_path)
+    assert len(glob.glob(str(tmp_path / "**" / "xai_t_step3*.csv"), recursive=True)) == 2
+    assert unique_stem(tmp_path / "missing", "x") == "x"

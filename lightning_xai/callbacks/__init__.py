@@ -5,7 +5,8 @@ from lightning_xai.callbacks.dissection import DissectionScores
 from lightning_xai.callbacks.explanation_monitor import ExplanationMonitor
 from lightning_xai.callbacks.interpretation import ClassPrototypes, EmbeddingProjector, RelevantUnits, TCAVScores
 from lightning_xai.callbacks.probe import ProbeBatch, ProbeSet, split_sample
-from lightning_xai.callbacks.quality import QUALITY_METRICS, ExplanationQuality, SanityCheck
+from lightning_xai.callbacks.quality import QUALITY_METRICS, ExplanationQuality
+from lightning_xai.callbacks.sanity import SanityCheck
 
 __all__ = [
     "QUALITY_METRICS",

@@ -546,6 +546,25 @@ class XAICallback(Callback):
     def resolve_targets(self, probe: ProbeBatch, logits: Tensor) -> ResolvedTargets:
         return self.target.resolve(logits, probe.labels, self.class_name)
 
+    def scored_targets(self, probe: ProbeBatch, logits: Tensor) -> ResolvedTargets:
+        """The rows of this rank's probe shard that can be explained and scored, with their targets: real samples
+        (not the padding of an uneven shard) whose model output is finite. Samples with NaN / inf outputs are
+        reported (naming their dataset indices) and never scored."""
+        num_real = probe.num_real
+        real = torch.arange(num_real, device=logits.device)
+        ids = None if probe.sample_ids is None else probe.sample_ids[real]
+        finite = self.finite_rows(logits[real], ids) if num_real else torch.zeros(0, dtype=torch.bool)
+        resolved = self.resolve_targets(probe, logits)
+        if num_real == 0:
+            keep = torch.zeros_like(resolved.rows, dtype=torch.bool)
+        else:
+            keep = (resolved.rows < num_real) & finite.to(logits.device)[resolved.rows.clamp(max=num_real - 1)]
+        resolved.rows = resolved.rows[keep]
+        if isinstance(resolved.target, Tensor):
+            resolved.target = resolved.target[keep]
+        resolved.names = [n for n, k in zip(resolved.names, keep.tolist()) if k]
+        return resolved
+
     def class_name(self, index: int) -> str:
         names = getattr(self, "class_names", None)
         return names[index] if names and 0 <= index < len(names) else str(index)

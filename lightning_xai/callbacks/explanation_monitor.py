@@ -155,16 +155,7 @@ class ExplanationMonitor(XAICallback):
     def _explain(self, trainer: Any, pl_module: Any) -> dict[str, Tensor]:
         probe = self.probe_shard(trainer, pl_module)
         logits = self.eval_logits(pl_module, probe.inputs)
-        real = torch.arange(probe.num_real, device=logits.device)
-        finite = self.finite_rows(logits[real], None if probe.sample_ids is None else probe.sample_ids[real])
-        resolved = self.resolve_targets(probe, logits)
-        keep = (resolved.rows < probe.num_real) & finite[resolved.rows.clamp(max=max(probe.num_real - 1, 0))]
-        if probe.num_real == 0:
-            keep = torch.zeros_like(resolved.rows, dtype=torch.bool)
-        resolved.rows = resolved.rows[keep]
-        if isinstance(resolved.target, Tensor):
-            resolved.target = resolved.target[keep]
-        resolved.names = [n for n, k in zip(resolved.names, keep.tolist()) if k]
+        resolved = self.scored_targets(probe, logits)
 
         local_maps = self.explain_rows(trainer, pl_module, self.attributors, probe, resolved)
         maps = {name: self.gather_rows(m) for name, m in local_maps.items()}

@@ -17,8 +17,6 @@ from torchmetrics import Metric
 
 from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback, method_names
-from lightning_xai.callbacks.probe import ProbeBatch
-from lightning_xai.callbacks.targets import ResolvedTargets
 from lightning_xai.checks import check_bool, suggest
 from lightning_xai.evaluation import (
     AOPC,
@@ -33,7 +31,7 @@ from lightning_xai.evaluation import (
 )
 from lightning_xai.viz.logging import log_line_plot
 
-__all__ = ["DEFAULT_METRICS", "QUALITY_METRICS", "ExplanationQuality", "all_ranks_agree", "scored_targets"]
+__all__ = ["DEFAULT_METRICS", "QUALITY_METRICS", "ExplanationQuality", "all_ranks_agree"]
 
 #: Metric name -> (class, what its ``update`` needs): "model" (attributions, inputs, model, target), "mask"
 #: (attributions, masks) or "maps" (attributions only).
@@ -63,26 +61,6 @@ def all_ranks_agree(trainer: Any, ok: bool, device: Any = None) -> bool:
         stacklevel=2,
     )
     return agree(ok, default_reducer())
-
-
-def scored_targets(callback: XAICallback, probe: ProbeBatch, logits: Tensor) -> ResolvedTargets:
-    """The rows of this rank's probe shard that can be scored, with their targets: real samples (not the padding of
-    an uneven shard) whose model output is finite. Samples with NaN / inf outputs are reported by the callback
-    (naming their dataset indices) and never scored."""
-    num_real = probe.num_real
-    real = torch.arange(num_real, device=logits.device)
-    ids = None if probe.sample_ids is None else probe.sample_ids[real]
-    finite = callback.finite_rows(logits[real], ids) if num_real else torch.zeros(0, dtype=torch.bool)
-    resolved = callback.resolve_targets(probe, logits)
-    if num_real == 0:
-        keep = torch.zeros_like(resolved.rows, dtype=torch.bool)
-    else:
-        keep = (resolved.rows < num_real) & finite.to(logits.device)[resolved.rows.clamp(max=num_real - 1)]
-    resolved.rows = resolved.rows[keep]
-    if isinstance(resolved.target, Tensor):
-        resolved.target = resolved.target[keep]
-    resolved.names = [n for n, k in zip(resolved.names, keep.tolist()) if k]
-    return resolved
 
 
 def _accepts(method: Any, argument: str) -> bool:
@@ -268,7 +246,7 @@ class ExplanationQuality(XAICallback):
         if self.active_metrics is None:  # called without the setup check (e.g. evaluate() on its own)
             self.active_metrics = self._applicable(self.agree(probe.masks is not None))
         logits = self.eval_logits(pl_module, probe.inputs)
-        resolved = scored_targets(self, probe, logits)
+        resolved = self.scored_targets(probe, logits)
         rows = resolved.rows
         n = int(rows.numel())
         maps = self.explain_rows(trainer, pl_module, self.attributors, probe, resolved)

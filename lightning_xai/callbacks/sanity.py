@@ -14,7 +14,6 @@ from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.batch import outputs_as_logits
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
-from lightning_xai.callbacks.quality import scored_targets
 from lightning_xai.checks import check_choice, check_float, check_int, suggest
 from lightning_xai.evaluation import SIMILARITY_MEASURES, ModelRandomization, parametrised_layers
 from lightning_xai.viz.logging import log_line_plot, log_table
@@ -169,7 +168,7 @@ class SanityCheck(XAICallback):
     def _check(self, trainer: Any, pl_module: Any) -> dict[str, dict[str, Any]]:
         probe = self.probe_shard(trainer, pl_module)
         logits = self.eval_logits(pl_module, probe.inputs)
-        resolved = scored_targets(self, probe, logits)
+        resolved = self.scored_targets(probe, logits)
         rows = resolved.rows
         n = int(rows.numel())
         # a rank with nothing to check still runs one padding sample, so that every rank gathers curves of the

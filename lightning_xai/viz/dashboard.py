@@ -45,6 +45,7 @@ from lightning_xai.viz.logging import (
     log_table,
     logger_kind,
     markdown_table,
+    unique_stem,
 )
 from lightning_xai.viz.render import save_png
 
@@ -118,7 +119,8 @@ def log_explanations(
             file_loggers.append(logger)
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, prefix):
         for key, image in images.items():
-            path = save_png(image, directory / f"{_file_stem(key)}_step{step}.png", caption=caption)
+            path = save_png(image, directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.png",
+                            caption=caption)
             destinations.append(str(path))
     return destinations
 
@@ -332,7 +334,7 @@ def log_curves(
             file_loggers.append(logger)
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{_file_stem(key)}_step{step}.csv"
+        path = directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             header = ["series", x_label, y_label] + ([f"{x_label} name"] if x_ticklabels is not None else [])

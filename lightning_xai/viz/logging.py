@@ -31,6 +31,7 @@ after any cross-rank gathering; calling them on every rank would write duplicate
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import re
 import warnings
@@ -88,6 +89,23 @@ def _check_step(step: int) -> None:
 
 def _is_image(value: object) -> bool:
     return isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3 and value.shape[2] == 3
+
+
+def unique_stem(directory: str | os.PathLike, stem: str) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ... when a file of that stem (``stem.*`` or ``stem_r*`` table cells)
+    is already in ``directory``: a file is never overwritten (e.g. by a ``trainer.validate`` after ``fit`` at the
+    same step)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return stem
+
+    def taken(candidate: str) -> bool:
+        return any(folder.glob(f"{glob.escape(candidate)}.*")) or any(folder.glob(f"{glob.escape(candidate)}_r*"))
+
+    result, i = stem, 2
+    while taken(result):
+        result, i = f"{stem}_{i}", i + 1
+    return result
 
 
 def _check_image(image: object, name: str) -> None:
@@ -215,7 +233,8 @@ def log_image(
         elif kind == "file":
             file_loggers.append(logger)
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
-        path = save_png(image, directory / f"{_file_stem(key)}_step{step}.png", caption=caption)
+        path = save_png(image, directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.png",
+                        caption=caption)
         destinations.append(str(path))
     return destinations
 
@@ -316,11 +335,12 @@ def log_table(
             destinations.append(f"tensorboard:{key}")
         elif kind in ("file", "tensorboard"):
             file_loggers.append(logger)
-    stem = f"{_file_stem(key)}_step{step}"
+    base_stem = f"{_file_stem(key)}_step{step}"
     image_cols = {j for j in range(len(columns)) if any(_is_image(row[j]) for row in clean_rows)}
     keep = [j for j in range(len(columns)) if image_files or j not in image_cols]
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
+        stem = unique_stem(directory, base_stem)
         csv_rows = []
         for i, row in enumerate(clean_rows):
             out_row = []
@@ -403,7 +423,7 @@ def log_line_plot(
             file_loggers.append(logger)
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{_file_stem(key)}_step{step}.csv"
+        path = directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([x_label, y_label])
