@@ -85,6 +85,10 @@ def _find(batch: Any, keys: Sequence[str]) -> Any:
     return next((getattr(batch, k) for k in keys if getattr(batch, k, None) is not None), None)
 
 
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def _valid_key(key: object) -> bool:
     return key is None or (not isinstance(key, bool) and (isinstance(key, (str, int)) or callable(key)))
 
@@ -142,17 +146,19 @@ class BatchReader:
 
     __call__ = read
 
+    def _explicit(self, batch: Any, name: str, key: Key) -> Any:
+        """The field at an explicitly given ``key``; a clear error naming the argument when it is not there."""
+        try:
+            return _get(batch, key)
+        except (KeyError, AttributeError, IndexError, TypeError) as err:
+            raise ValueError(f"{self._where()}{name}={key!r} is not in the batch ({_describe(batch)})") from err
+
     def inputs(self, batch: Any) -> Any:
         if self.input_key is not None:
-            try:
-                return _get(batch, self.input_key)
-            except (KeyError, AttributeError, IndexError, TypeError) as err:
-                raise ValueError(
-                    f"{self._where()}input_key={self.input_key!r} is not in the batch ({_describe(batch)})"
-                ) from err
+            return self._explicit(batch, "input_key", self.input_key)
         if isinstance(batch, Tensor):
             return batch
-        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 0:
+        if _is_sequence(batch) and len(batch) > 0:
             return batch[0]
         found = _find(batch, INPUT_KEYS)
         if found is None:
@@ -164,32 +170,24 @@ class BatchReader:
 
     def labels(self, batch: Any) -> Tensor | None:
         if self.label_key is not None:
-            try:
-                return _as_tensor(_get(batch, self.label_key))
-            except (KeyError, AttributeError, IndexError, TypeError) as err:
-                raise ValueError(
-                    f"{self._where()}label_key={self.label_key!r} is not in the batch ({_describe(batch)})"
-                ) from err
-        if isinstance(batch, Tensor):
-            return None
-        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
-            return _as_tensor(batch[1]) if len(batch) > 1 else None
-        return _as_tensor(_find(batch, LABEL_KEYS))
+            return _as_tensor(self._explicit(batch, "label_key", self.label_key))
+        return _as_tensor(self._default(batch, position=1, keys=LABEL_KEYS))
 
     def masks(self, batch: Any) -> Tensor | None:
         if self.mask_key is not None:
-            try:
-                return _as_tensor(_get(batch, self.mask_key))
-            except (KeyError, AttributeError, IndexError, TypeError) as err:
-                raise ValueError(
-                    f"{self._where()}mask_key={self.mask_key!r} is not in the batch ({_describe(batch)})"
-                ) from err
+            return _as_tensor(self._explicit(batch, "mask_key", self.mask_key))
+        value = self._default(batch, position=2, keys=MASK_KEYS)
+        return value if isinstance(value, Tensor) else None
+
+    @staticmethod
+    def _default(batch: Any, *, position: int, keys: Sequence[str]) -> Any:
+        """An optional field found by default: a tuple's ``position``, else the first of ``keys`` (``None`` for a
+        bare tensor batch)."""
         if isinstance(batch, Tensor):
             return None
-        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
-            return batch[2] if len(batch) > 2 and isinstance(batch[2], Tensor) else None
-        value = _find(batch, MASK_KEYS)
-        return value if isinstance(value, Tensor) else None
+        if _is_sequence(batch):
+            return batch[position] if len(batch) > position else None
+        return _find(batch, keys)
 
     def __repr__(self) -> str:
         return f"BatchReader(input_key={self.input_key!r}, label_key={self.label_key!r}, mask_key={self.mask_key!r})"
