@@ -34,6 +34,8 @@ them under their historical import path.
 
 from __future__ import annotations
 
+# private names other modules imported from here before the split
+from lightning_xai.evaluation.base import CurveMetric as _CurveMetric  # noqa: F401
 from lightning_xai.evaluation.deletion import (
     DeletionAUC,
     InsertionAUC,
@@ -46,6 +48,7 @@ from lightning_xai.evaluation.deletion import (
 from lightning_xai.evaluation.infidelity import Infidelity, MaxSensitivity, infidelity, max_sensitivity
 from lightning_xai.evaluation.region_perturbation import AOPC, aopc, region_perturbation_curve
 from lightning_xai.evaluation.scoring import DEFAULT_STEPS, AttributorSpec
+from lightning_xai.evaluation.scoring import resolve_attributor as _resolve_attributor  # noqa: F401
 
 __all__ = [
     "AOPC",
