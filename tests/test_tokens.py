@@ -214,6 +214,10 @@ def test_token_methods_are_registered_and_validate_arguments():
         "transformer_attribution",
     ):
         assert name in ATTRIBUTORS
+    for name in ("token_saliency", "token_occlusion", "token_kernel_shap", "attention_rollout"):
+        assert build_attributor(name).accepts_token_ids
+    assert AttnLRP(embedding="embedding").accepts_token_ids and not AttnLRP().accepts_token_ids
+    assert not getattr(build_attributor("saliency"), "accepts_token_ids", False)
     built = build_attributor({"name": "token_integrated_gradients", "embedding": "emb", "steps": 4})
     assert isinstance(built, TokenIntegratedGradients) and built.steps == 4
     with pytest.raises(ValueError, match="baseline must be 'zeros' or a token id"):

@@ -269,6 +269,8 @@ def transformer_relevance(attentions: Sequence[Tensor], gradients: Sequence[Tens
 class _AttentionMethod(Attributor):
     """Shared configuration, input handling and output layout of the attention methods (not registered)."""
 
+    #: Explains token ids ``[B, T]`` as well as images (see :class:`~lightning_xai.attribution.tokens.TokenAttributor`).
+    accepts_token_ids: bool = True
     #: Whether the method differentiates the score by the attention; if not, the forward pass runs without
     #: autograd first, and again with it only if some attention module was skipped.
     needs_gradient: bool = True

@@ -110,6 +110,9 @@ class TokenAttributor(Attributor):
     the methods take gradients at the embedding layer).
     """
 
+    #: Explains token ids ``[B, T]`` (callbacks check this before passing integer inputs; image methods lack it).
+    accepts_token_ids: bool = True
+
     def __init__(self, skip_tokens: Sequence[int] = ()) -> None:
         self.skip_tokens = _check_token_ids("skip_tokens", skip_tokens, type(self).__name__)
 

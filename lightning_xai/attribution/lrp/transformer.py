@@ -152,6 +152,11 @@ class AttnLRP(Attributor):
         self.embedding = embedding
         self.epsilon = check_float("epsilon", epsilon, minimum=0.0, strict=True, owner=owner)
 
+    @property
+    def accepts_token_ids(self) -> bool:
+        """Token ids ``[B, T]`` are explained when an ``embedding`` layer is named."""
+        return self.embedding is not None
+
     def run_in_context(
         self, model: nn.Module, inputs: Tensor, target: Target, fn: Callable[[nn.Module, Tensor, Target], _T]
     ) -> _T:
