@@ -39,7 +39,6 @@ other batch layouts (e.g. dicts).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,6 +49,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import gradient_context, model_state_guard
+from lightning_xai.checks import check_float, check_int, check_range
 from lightning_xai.models.classifier import ImageClassifier
 
 __all__ = ["ATTACK_MODES", "NORMS", "AdversarialClassifier", "AdversarialTrainingMixin", "PGDAttack"]
@@ -61,15 +61,11 @@ ATTACK_MODES = ("eval", "train")
 
 
 def _check_positive_float(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return check_float(name, value, minimum=0, strict=True, owner="PGDAttack")
 
 
 def _check_steps(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return check_int(name, value, minimum=1, owner="PGDAttack")
 
 
 def _check_norm(norm: str) -> str:
@@ -81,15 +77,7 @@ def _check_norm(norm: str) -> str:
 
 
 def _check_range(input_range: tuple[float, float] | None) -> tuple[float, float] | None:
-    if input_range is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in input_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"input_range must be a pair (low, high) or None, got {input_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"input_range must be finite with low < high, got {input_range!r}")
-    return lo, hi
+    return check_range("input_range", input_range, owner="PGDAttack", allow_none=True)
 
 
 def _check_bool(name: str, value: bool) -> bool:
