@@ -578,3 +578,13 @@ def test_config_dataclass_builds_the_same_model_and_round_trips():
     model = ProtoPNet.from_config(config, backbone=TinyTrunk())
     assert model.to_config() == config and model.lambda_sep == 0.2
     assert dict(model.hparams) == dict(tiny_model(lambda_sep=0.2).hparams)
+
+
+def test_dict_batches_are_read_with_configured_keys():
+    data = blob_dataset(16, 16, seed=1)
+    items = [{"pixels": x, "target": y} for x, y, _ in data]
+    model = tiny_model(input_key="pixels", label_key="target")
+    quiet_trainer(fast_dev_run=True).fit(model, torch.utils.data.DataLoader(items, batch_size=8))
+    assert model.hparams["input_key"] == "pixels" and model.to_config().label_key == "target"
+    logits = model.predict_step({"pixels": data.tensors[0][:4]}, 0)
+    assert logits.shape == (4, 3)

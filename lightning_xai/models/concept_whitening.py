@@ -64,6 +64,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.batch import Key
 from lightning_xai.checks import check_bool
 from lightning_xai.distributed import sum_over_ranks
 from lightning_xai.models.backbones import build_backbone
@@ -136,8 +137,10 @@ class ConceptWhiteningClassifier(XAIModule):
         recalibrate: at the end of ``fit``, recompute the CW layer's running statistics with the final weights
             over the training data (:meth:`recalibrate_whitening`; as one recomputes BatchNorm statistics). The
             running average of per-batch whitening matrices lags the features while they train, so without it
-            the eval-mode output is far from white (max ``|cov - I|`` about 1 on held-out activations).
-        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss: see
+            the eval-mode output can be far from white (max ``|cov - I|`` 1.76 on the training data after 3
+            epochs at a constant rate in the tests, 0.003 after the recalibration; with a cosine schedule the lag
+            is smaller: 0.12 -> 0.10 on test activations at the by-design benchmark's defaults).
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss, input_key, label_key: see
             :class:`~lightning_xai.models.base.XAIModule`.
 
     Concept examples come from the datamodule's ``dataset(concept_split)`` (anything with ``concept_index`` and
@@ -171,9 +174,11 @@ class ConceptWhiteningClassifier(XAIModule):
         scheduler: str | None = None,
         momentum: float = 0.9,
         on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         self.recalibrate = check_bool("recalibrate", recalibrate, owner="ConceptWhiteningClassifier")
         if isinstance(concepts, str) or not isinstance(concepts, Sequence) or not concepts:
             raise ValueError(f"concepts must be a non-empty list of concept names, got {concepts!r}")
@@ -308,7 +313,7 @@ class ConceptWhiteningClassifier(XAIModule):
         return self.shared_step(batch, 0, split)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        return self(batch if isinstance(batch, Tensor) else batch[0])
+        return self(self.batch_reader.inputs(batch))
 
     # -------------------------------------------------------------------------------------- recalibration
     @torch.no_grad()

@@ -86,6 +86,7 @@ from torch.utils.data import Dataset
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_xai.batch import Key
 from lightning_xai.models.base import StepOutput, XAIModule, config_dataclass
 from lightning_xai.models.protopnet_explain import PrototypeExplanationMixin
 from lightning_xai.models.protopnet_parts import (
@@ -172,7 +173,7 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
         explain_samples: after each validation epoch in which the prototypes are pushed, the first
             ``explain_samples`` validation images are explained and logged (:meth:`log_explanations`); 0 disables.
         explain_top_k: prototypes per explained image.
-        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss: see
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss, input_key, label_key: see
             :class:`~lightning_xai.models.base.XAIModule`.
             ``lr`` is the learning rate of the add-on layers and prototypes. ``weight_decay`` applies to the trunk
             and add-on layers only (prototypes and the last layer have their own terms). ``scheduler="cosine"``
@@ -214,9 +215,11 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
         scheduler: str | None = None,
         momentum: float = 0.9,
         on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
         _check_int("in_channels", in_channels, 1)
@@ -515,7 +518,7 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         if batch_idx == 0 and self.explain_samples > 0:
-            self._explain_batch = batch[0][: self.explain_samples].detach().clone()
+            self._explain_batch = self.batch_reader.inputs(batch)[: self.explain_samples].detach().clone()
         return self._eval_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -523,7 +526,7 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Logits ``[B, num_classes]`` of ``batch`` (an image tensor, or a tuple whose first item is one)."""
-        return self(batch if isinstance(batch, Tensor) else batch[0])
+        return self(self.batch_reader.inputs(batch))
 
     def on_train_epoch_end(self) -> None:
         if self.current_epoch not in self.push_epochs:
