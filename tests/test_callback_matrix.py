@@ -88,6 +88,8 @@ def _run(cfg: str, callback: Any, tmp_path) -> Any:
         kwargs.update(fast_dev_run=True, max_epochs=1)
     elif cfg == "logger_false":
         kwargs.update(logger=False)
+    elif cfg == "compiled":
+        model = torch.compile(model, backend="eager")  # Lightning unwraps it; forward runs the compiled code
     trainer = quiet_trainer(callbacks=[callback], **kwargs)
     trainer.fit(model, datamodule=data)
     if cfg == "validate_after_fit":
@@ -105,6 +107,7 @@ CONFIGS = [
     "validate_after_fit",
     "fast_dev_run",
     "logger_false",
+    "compiled",
 ]
 
 

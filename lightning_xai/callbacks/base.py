@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
@@ -57,7 +58,7 @@ from lightning_xai.distributed import RankFailed, Reducer, agree, default_reduce
 from lightning_xai.namespace import Callback, rank_zero_warn
 from lightning_xai.viz.dashboard import log_config
 
-__all__ = ["ConfigurationError", "ErrorLog", "ErrorRecord", "ValidationContext", "XAICallback"]
+__all__ = ["ConfigurationError", "ErrorLog", "ErrorRecord", "ValidationContext", "XAICallback", "eager_forward"]
 
 OnError = Literal["warn", "raise"]
 SPLITS = ("train", "val", "test")
@@ -113,6 +114,28 @@ class ValidationContext:
 def _unwrap(model: Any) -> Any:
     """The module behind a ``torch.compile`` wrapper (its ``_orig_mod``), else the module itself."""
     return getattr(model, "_orig_mod", model)
+
+
+@contextmanager
+def eager_forward(pl_module: Any) -> Iterator[Any]:
+    """Run a LightningModule that the Trainer compiled (``trainer.fit(torch.compile(model))``) with its original,
+    eager ``forward`` for the duration: explanations hook into submodules, which compiled code does not call.
+    Restored on exit (also on error); a module that was not compiled is left alone."""
+    ctx = getattr(pl_module, "_compiler_ctx", None)
+    original = ctx.get("original_forward") if isinstance(ctx, dict) else None
+    if original is None:
+        yield pl_module
+        return
+    had_own = "forward" in vars(pl_module)
+    compiled = vars(pl_module).get("forward")
+    pl_module.forward = original
+    try:
+        yield pl_module
+    finally:
+        if had_own:
+            pl_module.forward = compiled
+        else:
+            del pl_module.forward
 
 
 class XAICallback(Callback):
@@ -352,7 +375,7 @@ class XAICallback(Callback):
             return
         self._validated_for.add(stage)
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), eager_forward(pl_module):
                 context = self._dry_pass(trainer, pl_module)
                 self.validate(trainer, pl_module, context)
         except ConfigurationError:
@@ -401,7 +424,7 @@ class XAICallback(Callback):
         start = time.perf_counter()
         try:
             # Lightning's `trainer.validate` runs under inference_mode: tensors made there cannot enter autograd.
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), eager_forward(pl_module):
                 metrics = dict(self.compute(trainer, pl_module))
         except ConfigurationError:
             raise
