@@ -30,8 +30,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.measure import PeakMemory, cpu_seconds, spread  # noqa: E402
-from lightning_xai.callbacks import (  # noqa: E402
+from benchmarks.measure import PeakMemory, cpu_seconds, spread
+from lightning_xai.callbacks import (
     ClassPrototypes,
     DissectionScores,
     EmbeddingProjector,
@@ -41,9 +41,9 @@ from lightning_xai.callbacks import (  # noqa: E402
     SanityCheck,
     TCAVScores,
 )
-from lightning_xai.data import GroundTruthDataModule  # noqa: E402
-from lightning_xai.data.concepts import ConceptScenes  # noqa: E402
-from lightning_xai.namespace import pl  # noqa: E402
+from lightning_xai.data import GroundTruthDataModule
+from lightning_xai.data.concepts import ConceptScenes
+from lightning_xai.namespace import pl
 
 CIFAR10_STEPS = 50_000 // 32 + 1
 IMAGENET_STEPS = 1_281_167 // 32 + 1

@@ -134,7 +134,7 @@ def methods(image_size: int, images: Tensor, args: argparse.Namespace) -> list[M
             {"name": "integrated_gradients", "steps": 32, "batch_size": bs},
             quick=True,
         ),
-        Method("SmoothGrad (16 samples)", {"name": "smoothgrad", "samples": 16, "batch_size": bs}),
+        Method("SmoothGrad (16 samples)", {"name": "smoothgrad", "num_samples": 16, "batch_size": bs}),
         Method("Grad-CAM", {"name": "gradcam", "layer": CAM_LAYER}, quick=True),
         Method("Grad-CAM++", {"name": "gradcam_plus_plus", "layer": CAM_LAYER}),
         Method("LayerCAM", {"name": "layercam", "layer": CAM_LAYER}),
@@ -149,7 +149,7 @@ def methods(image_size: int, images: Tensor, args: argparse.Namespace) -> list[M
         ),
         Method(
             f"RISE ({args.rise_masks} masks, probability)",
-            {"name": "rise", "n_masks": args.rise_masks, "batch_size": bs},
+            {"name": "rise", "num_samples": args.rise_masks, "batch_size": bs},
             quick=True,
             probability=True,
         ),
@@ -160,7 +160,7 @@ def methods(image_size: int, images: Tensor, args: argparse.Namespace) -> list[M
                 f"LIME ({args.surrogate_samples} samples, SLIC)",
                 {
                     "name": "lime",
-                    "n_samples": args.surrogate_samples,
+                    "num_samples": args.surrogate_samples,
                     "segmentation": "slic",
                     "n_segments": 30,
                     "batch_size": bs,
@@ -170,7 +170,7 @@ def methods(image_size: int, images: Tensor, args: argparse.Namespace) -> list[M
                 f"KernelSHAP ({args.surrogate_samples} samples, SLIC)",
                 {
                     "name": "kernel_shap",
-                    "n_samples": args.surrogate_samples,
+                    "num_samples": args.surrogate_samples,
                     "segmentation": "slic",
                     "n_segments": 30,
                     "batch_size": bs,

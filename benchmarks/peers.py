@@ -25,13 +25,13 @@ Pairings (ours | peer | how they are compared):
   over ``[0, 1]``): Captum's IG is ``(n - 1) / n`` of the trapezoid rule's, 3 % low at 32 steps, and its
   completeness gap never closes below ``1/n`` of ``s(x) - s(x')``.
 * Integrated Gradients (Gauss-Legendre): ``method="gauss_legendre"`` | Captum ``method="gausslegendre"`` | raw.
-* SmoothGrad: ``SmoothGrad(samples=16, noise=0.15, batch_size=64)`` (mean signed gradient, Smilkov et al. 2017)
+* SmoothGrad: ``SmoothGrad(num_samples=16, noise=0.15, batch_size=64)`` (mean signed gradient, Smilkov et al. 2017)
   | Captum ``NoiseTunnel(Saliency)``, ``nt_type="smoothgrad"``, ``abs=False``, ``stdevs = 0.15 x`` the batch's
   mean per-sample value range (Captum takes one absolute standard deviation per input tensor, ours one per
   sample: ``noise x (max - min)`` of that sample) | raw, but the noise draws differ: the rows agree when
   ``rel diff`` is within 1.5 times the Monte-Carlo spread of ours, the ``rel diff`` between our seeds 0 and 1. (On
   a linear model the gradient does not depend on the noise and the two agree exactly; see the tests.)
-* Occlusion: ``Occlusion(window=16, stride=8, fill=0)`` | Captum ``Occlusion``, ``sliding_window_shapes=(C, 16,
+* Occlusion: ``Occlusion(window=16, stride=8, baseline=0)`` | Captum ``Occlusion``, ``sliding_window_shapes=(C, 16,
   16)``, ``strides=(C, 8, 8)``, ``baselines=0`` | ours broadcast over the channels. Both: mean over the windows
   covering a pixel of ``s(x) - s(x occluded)``. The window grids are equal only when ``(H - window) % stride ==
   0`` (true at 32x32 and 64x64): otherwise Captum's last window is cropped at the border, ours is aligned to it.
@@ -443,9 +443,9 @@ def pairings(main: nn.Module, x: Tensor, *, layer: str | None = None, ig_steps: 
             "SmoothGrad (16, noise .15)",
             "captum",
             "main",
-            SmoothGrad(samples=16, noise=0.15, seed=0, batch_size=64),
+            SmoothGrad(num_samples=16, noise=0.15, seed=0, batch_size=64),
             lambda m, x, t: captum_smoothgrad(m, x, t, samples=16, stdev=stdev, batch_size=64),
-            spread=SmoothGrad(samples=16, noise=0.15, seed=1, batch_size=64),
+            spread=SmoothGrad(num_samples=16, noise=0.15, seed=1, batch_size=64),
             note=f"different noise draws: agree = within {SPREAD_FACTOR}x the spread between our seeds 0 and 1; "
             f"Captum's stdev is one number for the batch ({stdev:.4f} = 0.15 x mean range)",
         ),
@@ -453,7 +453,7 @@ def pairings(main: nn.Module, x: Tensor, *, layer: str | None = None, ig_steps: 
             f"Occlusion ({window}/{stride}, fill 0)",
             "captum",
             "main",
-            Occlusion(window=window, stride=stride, fill=0.0, batch_size=64),
+            Occlusion(window=window, stride=stride, baseline=0.0, batch_size=64),
             lambda m, x, t: captum_occlusion(m, x, t, window=window, stride=stride, batch_size=64),
             ours_view=lambda a, x: a.expand_as(x),
             note="ours [B,1,H,W] broadcast to Captum's [B,C,H,W]; equal window grids need (H - window) % stride == 0"

@@ -216,7 +216,7 @@ def test_smoothgrad_matches_captum_noise_tunnel_exactly_on_a_linear_model():
     attr = import_peer("captum.attr")
     model = LinearModel().eval()
     x, t = torch.rand(2, 3, 8, 8), torch.tensor([1, 2])
-    ours = SmoothGrad(samples=5, noise=0.3, batch_size=3)(model, x, t)
+    ours = SmoothGrad(num_samples=5, noise=0.3, batch_size=3)(model, x, t)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         theirs = attr.NoiseTunnel(attr.Saliency(model)).attribute(
@@ -235,8 +235,8 @@ def test_smoothgrad_matches_captum_within_monte_carlo_spread(gap_cnn):
     x, t = torch.rand(2, 3, 8, 8, generator=g), torch.tensor([0, 1])
     samples, noise = 64, 0.2
     sigma = noise * float((x.flatten(1).amax(1) - x.flatten(1).amin(1)).mean())
-    ours = SmoothGrad(samples=samples, noise=noise, seed=0)(gap_cnn, x, t)
-    other = SmoothGrad(samples=samples, noise=noise, seed=1)(gap_cnn, x, t)
+    ours = SmoothGrad(num_samples=samples, noise=noise, seed=0)(gap_cnn, x, t)
+    other = SmoothGrad(num_samples=samples, noise=noise, seed=1)(gap_cnn, x, t)
 
     def captum(std: float) -> Tensor:
         with torch.random.fork_rng():
@@ -263,7 +263,7 @@ def test_occlusion_matches_captum(gap_cnn, batch, window, stride, fill):
     w = window if isinstance(window, tuple) else (window, window)
     s = stride if isinstance(stride, tuple) else (stride, stride)
     assert (16 - w[0]) % s[0] == 0 and (16 - w[1]) % s[1] == 0
-    ours = Occlusion(window=window, stride=stride, fill=fill, batch_size=7)(gap_cnn, x, t)
+    ours = Occlusion(window=window, stride=stride, baseline=fill, batch_size=7)(gap_cnn, x, t)
     theirs = attr.Occlusion(gap_cnn).attribute(
         x, sliding_window_shapes=(3, *w), strides=(3, *s), baselines=fill, target=t, perturbations_per_eval=3
     )
