@@ -5,7 +5,7 @@ YAML file can name it before any model exists) and applied as ``attributor(model
 raw, signed attributions at input resolution, ``Tensor[B, 1, H, W]`` (or ``[B, C, H, W]`` for per-channel
 methods), detached, on the inputs' device.
 
-Every attributor keeps these promises (see ``shared/DESIGN.md``):
+Every attributor keeps these promises (see ``docs/architecture.md``):
 
 * **No side effects.** The model is explained in eval mode; afterwards every submodule's ``training`` flag,
   every parameter's ``requires_grad`` and ``.grad`` are exactly as before, and every hook the method installed
