@@ -417,3 +417,27 @@ def test_metrics_are_one_collection_per_split() -> None:
         metrics = module.metrics_of(split)
         assert list(metrics.keys(keep_base=False)) == [f"{split}_acc"]
     assert module.metrics_of("train") is not module.metrics_of("val")
+
+
+def test_skipping_a_nonfinite_batch_is_agreed_by_every_rank():
+    """Under DDP a rank that skipped its backward alone would leave the others waiting in the gradient all-reduce:
+    with on_nonfinite_loss='skip' the ranks vote, so all skip when one loss is NaN (simulated ranks)."""
+    from lightning_xai.distributed import ThreadGroup
+    from lightning_xai.models.base import StepOutput
+
+    def step(reducer):
+        module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3, on_nonfinite_loss="skip")
+        module.reducer = reducer
+        loss = torch.tensor(float("nan")) if reducer.rank == 0 else torch.tensor(0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return module.loss_is_usable(StepOutput(loss, {}), "train", 7)
+
+    assert ThreadGroup(2).run(step) == [False, False]
+
+    def finite(reducer):
+        module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3, on_nonfinite_loss="skip")
+        module.reducer = reducer
+        return module.loss_is_usable(StepOutput(torch.tensor(0.5), {}), "train", 7)
+
+    assert ThreadGroup(2).run(finite) == [True, True]

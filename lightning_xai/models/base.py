@@ -35,7 +35,7 @@ from torchmetrics import Metric, MetricCollection
 
 from lightning_xai.batch import BatchReader, Key
 from lightning_xai.checks import check_choice, check_float
-from lightning_xai.distributed import agree
+from lightning_xai.distributed import Reducer, agree
 from lightning_xai.namespace import pl, rank_zero_warn
 
 __all__ = [
@@ -215,6 +215,9 @@ class XAIModule(pl.LightningModule):
         #: hyper-parameters saved instead of the constructor's arguments (e.g. a config dataclass as a plain dict,
         #: so that checkpoints load with ``weights_only=True``)
         self.hparams_overrides: dict[str, Any] = {}
+        #: the collectives of the divergence vote (``None``: ``torch.distributed`` when initialised; tests set a
+        #: :class:`~lightning_xai.distributed.ThreadGroup` reducer)
+        self.reducer: Reducer | None = None
 
     # ------------------------------------------------------------------------------------------------- config
     #: The config dataclass of the model's settings (see :func:`config_dataclass`), where it has one.
@@ -310,7 +313,7 @@ class XAIModule(pl.LightningModule):
         skip together."""
         bad = _nonfinite(out.loss)
         if self.on_nonfinite_loss == "skip" and split == "train" and self._distributed():
-            bad = not agree(not bad)
+            bad = not agree(not bad, self.reducer)
         if not bad:
             return True
         parts = [name for name, value in out.parts.items() if isinstance(value, Tensor) and _nonfinite(value)]
@@ -329,6 +332,8 @@ class XAIModule(pl.LightningModule):
         return False
 
     def _distributed(self) -> bool:
+        if self.reducer is not None:
+            return self.reducer.world_size > 1
         return torch.distributed.is_available() and torch.distributed.is_initialized() and \
             torch.distributed.get_world_size() > 1
 
