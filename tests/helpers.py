@@ -88,7 +88,7 @@ def snapshot(model: nn.Module) -> ModelState:
 
 
 def assert_unchanged(model: nn.Module, before: ModelState) -> None:
-    """The attributors' no-side-effect contract (docs/architecture.md): modes, requires_grad, .grad, parameters and hooks."""
+    """The attributors' contract (docs/architecture.md): modes, requires_grad, .grad, parameters and hooks."""
     after = snapshot(model)
     assert after.training == before.training, "a submodule's train/eval mode changed"
     assert after.requires_grad == before.requires_grad, "a parameter's requires_grad changed"
