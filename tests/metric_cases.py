@@ -103,3 +103,71 @@ def update_kwargs(
         values["sample_ids"] = index
     params = inspect.signature(cls.update).parameters
     return {name: values[name] for name in params if name in values}
+
+
+# ------------------------------------------------------------------------------ metrics of models' own quantities
+def all_metric_classes() -> list[type[Metric]]:
+    """Every Metric subclass with its own ``update`` defined in any module of :mod:`lightning_xai.evaluation`
+    (the explanation metrics of ``__all__`` and the concept / SAE metrics the models log)."""
+    import importlib
+    import pkgutil
+
+    import lightning_xai.evaluation as evaluation
+
+    found: dict[str, type[Metric]] = {}
+    for info in pkgutil.iter_modules(evaluation.__path__):
+        module = importlib.import_module(f"lightning_xai.evaluation.{info.name}")
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Metric)
+                and obj.__module__.startswith("lightning_xai.evaluation")
+                and "update" in _own_methods(obj)
+            ):
+                found[obj.__name__] = obj
+    return [found[name] for name in sorted(found)]
+
+
+def _pool(rows: list[int]) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(99)
+    n = NUM_SAMPLES
+    data = {
+        "scores": torch.randn(n, 3, generator=gen),
+        "binary": (torch.rand(n, 3, generator=gen) > 0.5).float(),
+        "x": torch.randn(n, 4, generator=gen),
+        "x_hat": torch.randn(n, 4, generator=gen),
+        "latents": torch.rand(n, 6, generator=gen),
+        "logits": torch.randn(3, n, 4, generator=gen),
+        "labels": torch.randint(0, 4, (n,), generator=gen),
+        "concept_logits": torch.randn(n, 3, 6, 6, generator=gen),
+        "masks": (torch.rand(n, 3, 6, 6, generator=gen) > 0.6).float(),
+    }
+    index = torch.tensor(rows, dtype=torch.long)
+    return {k: (v[:, index] if k == "logits" else v[index]) for k, v in data.items()}
+
+
+def _set_iou_update(rows: list[int]) -> dict[str, object]:
+    from lightning_xai.evaluation.concepts import set_iou_counts
+
+    d = _pool(rows)
+    return {"counts": set_iou_counts(d["concept_logits"], None, None, d["masks"])}
+
+
+#: ``name -> (constructor arguments, rows -> update arguments)`` for the metrics of models' own quantities.
+OTHER_CASES: dict[str, tuple[dict[str, object], object]] = {
+    "ConceptAUROC": ({}, lambda rows: {"scores": _pool(rows)["scores"], "labels": _pool(rows)["binary"]}),
+    "ConceptProbeMetrics": (
+        {"num_concepts": 3},
+        lambda rows: {"logits": _pool(rows)["scores"], "targets": _pool(rows)["binary"]},
+    ),
+    "SetIoU": ({"num_filters": 2, "num_concepts": 3}, _set_iou_update),
+    "SAEReconstructionMetrics": (
+        {"d_in": 4, "d_sae": 6},
+        lambda rows: {k: _pool(rows)[k] for k in ("x", "x_hat", "latents")},
+    ),
+    "DownstreamScore": (
+        {},
+        lambda rows: dict(zip(("logits_orig", "logits_sae", "logits_zero"), _pool(rows)["logits"], strict=True))
+        | {"labels": _pool(rows)["labels"]},
+    ),
+}

@@ -150,3 +150,42 @@ def test_every_metric_under_two_gloo_processes_matches_one_process():
             assert value == pytest.approx(expected, abs=1e-6, nan_ok=True), (name, metric)
             if "curve" in entry:
                 assert got[metric]["curve"] == pytest.approx(entry["curve"], abs=1e-6), (name, metric)
+
+
+def _flat(value) -> dict[str, Tensor]:
+    return {k: v for k, v in value.items()} if isinstance(value, dict) else {"value": value}
+
+
+def test_every_evaluation_metric_has_a_contract_case():
+    explanation = {cls.__name__ for cls in CLASSES}
+    for cls in metric_cases.all_metric_classes():
+        assert cls.__name__ in explanation or cls.__name__ in metric_cases.OTHER_CASES, cls.__name__
+
+
+@pytest.mark.parametrize("name", sorted(metric_cases.OTHER_CASES))
+def test_models_metrics_compute_on_a_rank_without_data(name):
+    import warnings
+
+    cls = {c.__name__: c for c in metric_cases.all_metric_classes()}[name]
+    ctor, make_update = metric_cases.OTHER_CASES[name]
+    shards = [[0, 1, 2, 3, 4], []]
+
+    def compute(metric):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _flat(metric.compute())
+
+    def run(reducer: Reducer):
+        metric = cls(**ctor, dist_sync_fn=_thread_sync(reducer), distributed_available_fn=lambda: True)
+        if shards[reducer.rank]:
+            metric.update(**make_update(shards[reducer.rank]))
+        return compute(metric)
+
+    results = ThreadGroup(2).run(run)
+    single = cls(**ctor)
+    single.update(**make_update(shards[0]))
+    expected = compute(single)
+    for got in results:
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key].double(), value.double(), equal_nan=True, msg=key)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.classification import MultilabelAUROC
 from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["CHUNK_ELEMENTS", "ConceptAUROC", "ConceptProbeMetrics", "SetIoU", "auc_matrix", "set_iou_counts"]
@@ -61,19 +60,30 @@ class ConceptAUROC(Metric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        # flattened rows (1-D "cat" states, so that a DDP rank without data synchronises an empty placeholder of
+        # the same number of dimensions) and the number of columns ("max": known on every rank after a sync)
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("num_columns", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
 
     def update(self, scores: Tensor, labels: Tensor) -> None:
         if scores.shape != labels.shape or scores.ndim != 2:
             raise ValueError(
                 f"scores and labels must both be [N, k], got {tuple(scores.shape)} / {tuple(labels.shape)}"
             )
-        self.scores.append(scores.detach().float())
-        self.labels.append(labels.detach().float())
+        if int(self.num_columns) not in (0, scores.shape[1]):
+            raise ValueError(f"ConceptAUROC: got {scores.shape[1]} columns after {int(self.num_columns)} before")
+        self.num_columns.fill_(scores.shape[1])
+        self.scores.append(scores.detach().float().reshape(-1))
+        self.labels.append(labels.detach().float().reshape(-1))
 
     def compute(self) -> Tensor:
-        return auc_matrix(dim_zero_cat(self.scores), dim_zero_cat(self.labels)).diagonal()
+        """Per-column AUC ``[k]`` (``Tensor[0]`` before any update on any rank)."""
+        k = int(self.num_columns)
+        if k == 0 or not len(self.scores):
+            return torch.zeros(0, device=self.num_columns.device)
+        scores, labels = dim_zero_cat(self.scores).view(-1, k), dim_zero_cat(self.labels).view(-1, k)
+        return auc_matrix(scores, labels).diagonal()
 
 
 
@@ -86,7 +96,9 @@ class ConceptProbeMetrics(Metric):
         super().__init__(**kwargs)
         for name in ("tp", "fn", "tn", "fp"):
             self.add_state(name, torch.zeros(num_concepts, dtype=torch.float64), dist_reduce_fx="sum")
-        self.auroc = MultilabelAUROC(num_labels=num_concepts, average=None, thresholds=None)
+        # the exact AUC of ConceptAUROC (flattened "cat" states: computes on a DDP rank without data, unlike
+        # MultilabelAUROC's [N, C] lists); it synchronises like its parent
+        self.auroc = ConceptAUROC(**kwargs)
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
         pred = logits.detach() > 0
@@ -95,7 +107,7 @@ class ConceptProbeMetrics(Metric):
         self.fn += (~pred & truth).sum(dim=0)
         self.tn += (~pred & ~truth).sum(dim=0)
         self.fp += (pred & ~truth).sum(dim=0)
-        self.auroc.update(logits.detach().float(), truth.long())
+        self.auroc.update(logits.detach().float(), truth.float())
 
     def compute(self) -> dict[str, Tensor]:
         positives, negatives = self.tp + self.fn, self.tn + self.fp
@@ -103,6 +115,8 @@ class ConceptProbeMetrics(Metric):
         bacc = 0.5 * (self.tp / positives.clamp_min(1) + self.tn / negatives.clamp_min(1))
         bacc = torch.where(valid, bacc, torch.full_like(bacc, float("nan")))
         auroc = self.auroc.compute().double().to(bacc.device)
+        if auroc.numel() == 0:  # no sample on any rank
+            auroc = torch.full_like(bacc, float("nan"))
         auroc = torch.where(valid, auroc, torch.full_like(auroc, float("nan")))
         return {"bacc": bacc, "auroc": auroc}
 
