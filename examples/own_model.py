@@ -7,11 +7,11 @@ The model below is what a user writes anyway: ``import lightning.pytorch``, a to
 ``self.net``, batches that are dicts (``{"image", "label", "mask"}``), nothing that knows about explanations. The
 callbacks attach to the Trainer:
 
-* ``ExplanationMonitor`` - Saliency, Integrated Gradients and Grad-CAM on ``net.layer4`` for 6 fixed validation
+* ``ExplanationMonitor`` - Saliency, Integrated Gradients and Grad-CAM on ``net.layer2`` for 6 fixed validation
   images, as labelled heatmap grids, every epoch;
 * ``ExplanationQuality`` - deletion AUC and mask IoU / relevance mass against the ground-truth masks the data has;
 * ``SanityCheck`` - the model-randomisation test of Adebayo et al. at the end of fit;
-* ``DissectionScores`` - network dissection of ``net.layer3`` on a separate, generated concept probe set.
+* ``DissectionScores`` - network dissection of ``net.layer2`` on a separate, generated concept probe set.
 
 Everything is logged to three loggers at once (W&B offline, TensorBoard, CSV), so you can compare what each shows.
 The data is generated (ground-truth flowers: the class is the colour of the centre disc, whose pixel mask is
@@ -82,18 +82,20 @@ class MyClassifier(pl.LightningModule):
 
 # ----------------------------------------------------------------------------------------- the lightning_xai part
 def callbacks(class_names: list[str], concepts: Dataset) -> list[pl.Callback]:
-    layer4 = {"name": "gradcam", "layer": "net.layer4"}
+    # At 32 px resnet18's layer4 is a 1x1 map (nothing to localise) and layer3 2x2: Grad-CAM and dissection look
+    # at layer2 (4x4). On 224 px images you would name "net.layer4" (or leave the layer out: the default).
+    gradcam = {"name": "gradcam", "layer": "net.layer2"}
     return [
         ExplanationMonitor(
-            ["saliency", {"name": "integrated_gradients", "steps": 16}, layer4],
+            ["saliency", {"name": "integrated_gradients", "steps": 16}, gradcam],
             num_samples=6,
             target="label",
             class_names=class_names,
         ),
-        ExplanationQuality(["saliency", layer4], metrics=["deletion_auc", "mask_iou", "relevance_mass"],
+        ExplanationQuality(["saliency", gradcam], metrics=["deletion_auc", "mask_iou", "relevance_mass"],
                            num_samples=16),
-        SanityCheck(["saliency", layer4], num_samples=4),
-        DissectionScores("net.layer3", probe_dataset=concepts, num_samples=64, every_n_epochs=None),
+        SanityCheck(["saliency", gradcam], num_samples=4),
+        DissectionScores("net.layer2", probe_dataset=concepts, num_samples=64, every_n_epochs=None),
     ]
 
 
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  sanity check {method:10s} {verdict} (similarity after randomising the top layer: "
               f"{result['curve'][1]:.2f})")
     if dissection.history:
-        print(f"  network dissection of net.layer3: {dissection.history[-1].get('detectors', 0)} concept detectors")
+        print(f"  network dissection of net.layer2: {dissection.history[-1].get('detectors', 0)} concept detectors "
+              "(units whose top activations overlap one concept's pixels, IoU > 0.04)")
     print(f"W&B offline run: {wandb_dir}\nTensorBoard: tensorboard --logdir {args.out}/tb\nCSV: {args.out}/csv")
     return {"trainer": trainer, "callbacks": attached, "wandb_dir": wandb_dir, "out": args.out, "metrics": metrics}
 
