@@ -121,21 +121,34 @@ def test_console_main_returns_0_and_argument_errors_exit_2(tmp_path, capsys):
     assert "no_such_option" in capsys.readouterr().err
 
 
+def readme_cli_commands() -> list[list[str]]:
+    """Every ``lightning-xai ...`` line of the README's bash blocks, split as a shell would."""
+    import re
+    import shlex
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line) for line in lines if line.startswith("lightning-xai ")]
+
+
 def test_readme_fit_then_validate_from_last_ckpt(tmp_path):
-    """The README's two CLI commands, as written (the paths in quickstart.yaml are relative to the working
-    directory): fit writes ``runs/quickstart/checkpoints/last.ckpt`` and validate loads it."""
-    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
-    fit = console(["fit", "--config", QUICKSTART, *short, *TINY_DATA], cwd=tmp_path)
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    ckpt = tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file(), sorted(str(p) for p in tmp_path.rglob("*.ckpt"))
-    validate = console(
-        ["validate", "--config", QUICKSTART, "--ckpt_path", "runs/quickstart/checkpoints/last.ckpt",
-         "--trainer.limit_val_batches=1", *TINY_DATA],
-        cwd=tmp_path,
-    )
-    assert validate.returncode == 0, validate.stderr[-3000:]
-    assert "val" in validate.stdout + validate.stderr
+    """The README's CLI commands, extracted from the README and run as written (with tiny data and a short run
+    appended; the paths in quickstart.yaml are relative to the working directory): fit writes
+    ``runs/quickstart/checkpoints/last.ckpt`` and validate loads it."""
+    commands = readme_cli_commands()
+    assert [c[1] for c in commands] == ["fit", "validate"], commands
+    short = {"fit": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"],
+             "validate": ["--trainer.limit_val_batches=1"]}
+    for command in commands:
+        args = [os.path.join(ROOT, a) if a.startswith("examples/") else a for a in command[1:]]
+        done = console([*args, *short[command[1]], *TINY_DATA], cwd=tmp_path)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        if command[1] == "fit":
+            ckpt = tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+            assert ckpt.is_file(), sorted(str(p) for p in tmp_path.rglob("*.ckpt"))
+        else:
+            assert "val" in done.stdout + done.stderr
 
 
 def test_bad_attributor_name_in_config_is_a_clear_error(tmp_path):
