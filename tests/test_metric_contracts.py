@@ -150,9 +150,10 @@ def test_every_metric_under_two_gloo_processes_matches_one_process():
             if isinstance(expected, list):  # per-sample values come rank by rank: compare as multisets
                 key = lambda v: (v is None, v or 0.0)  # noqa: E731
                 value, expected = sorted(value, key=key), sorted(expected, key=key)
-            assert value == pytest.approx(expected, abs=1e-6, nan_ok=True), (name, metric)
+            # float rounding only (thread counts may differ between the processes); the sharding bug was ~1e-2
+            assert value == pytest.approx(expected, rel=1e-5, abs=1e-6, nan_ok=True), (name, metric)
             if "curve" in entry:
-                assert got[metric]["curve"] == pytest.approx(entry["curve"], abs=1e-6), (name, metric)
+                assert got[metric]["curve"] == pytest.approx(entry["curve"], rel=1e-5, abs=1e-6), (name, metric)
 
 
 def _flat(value) -> dict[str, Tensor]:
