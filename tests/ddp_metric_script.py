@@ -130,6 +130,11 @@ def _worker(rank: int, world_size: int, port: int, mode: str) -> None:
                 print("RESULT " + json.dumps(result), flush=True)
     finally:
         torch.distributed.destroy_process_group()
+    # Results are written: leave without C++ destructors, since a gloo thread can abort the interpreter's exit
+    # ("terminate called without an active exception", seen under load), failing a run that succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
