@@ -160,10 +160,15 @@ class BatchReader:
             return batch
         if _is_sequence(batch) and len(batch) > 0:
             return batch[0]
+        if not isinstance(batch, Mapping) and not hasattr(batch, "__dict__"):
+            raise TypeError(
+                f"{self._where()}cannot read an input from a {type(batch).__name__}; expected a Tensor, a tuple/list, "
+                "a dict or an object with fields (or pass input_key= as a callable)"
+            )
         found = _find(batch, INPUT_KEYS)
         if found is None:
             raise ValueError(
-                f"{self._where()}cannot find the model input in {_describe(batch)}; none of the default keys "
+                f"{self._where()}cannot find the input in {_describe(batch)}; none of the default keys "
                 f"{list(INPUT_KEYS)} is there: pass input_key= (a key, a position or a callable)"
             )
         return found

@@ -143,7 +143,7 @@ def test_batch_reader_explicit_keys_and_clear_errors():
     assert sample.inputs is x and sample.labels.tolist() == [2, 4]
     with pytest.raises(ValueError, match=r"ExplanationMonitor: input_key='feats' is not in the batch .*\['a'\]"):
         reader.read({"a": x})
-    with pytest.raises(ValueError, match=r"cannot find the model input .*\['foo'\].*input_key="):
+    with pytest.raises(ValueError, match=r"cannot find the input .*\['foo'\].*input_key="):
         BatchReader().read({"foo": x})
     with pytest.raises(ValueError, match="input_key must be"):
         BatchReader(input_key=1.5)  # type: ignore[arg-type]
