@@ -222,3 +222,31 @@ def test_target_specs_resolve_and_check():
         reg.check(logits, None)
     path = TargetSpec("lightning_xai.attribution.targets:ContrastiveTarget")
     assert path.kind == "callable"
+
+
+def test_forward_stops_after_the_layer_and_hooks_are_removed():
+    from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, stop_after_calls
+
+    calls = []
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            calls.append("a")
+            x = self.a(x)
+            try:  # a model's own broad except must not swallow the stop
+                x = self.a(x)
+            except Exception:
+                calls.append("swallowed")
+            calls.append("b")
+            return self.b(x)
+
+    net = Net()
+    with capture_layer(net, "a") as capture, stop_after_calls(capture.module, 2):
+        assert forward_until_stopped(net, torch.ones(1, 2)) is None
+    assert calls == ["a"] and len(capture.outputs) == 2
+    assert not net.a._forward_hooks
+    assert forward_until_stopped(net, torch.ones(1, 2)).shape == (1, 2)

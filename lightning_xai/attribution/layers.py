@@ -21,13 +21,22 @@ import contextlib
 import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard, unwrap_compiled
 
-__all__ = ["LayerCapture", "capture_layer", "default_layer", "resolve_layer"]
+__all__ = [
+    "LayerCapture",
+    "StopForward",
+    "capture_layer",
+    "default_layer",
+    "forward_until_stopped",
+    "resolve_layer",
+    "stop_after_calls",
+]
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
@@ -102,6 +111,39 @@ def capture_layer(model: nn.Module, layer: str | nn.Module, *, clone_output: boo
         yield capture
     finally:
         handle.remove()
+
+
+class StopForward(BaseException):
+    """Raised to end a forward pass early once the part of the network that is needed has run. A
+    ``BaseException`` so that a model's own ``except Exception`` cannot swallow it; :func:`forward_until_stopped`
+    catches it."""
+
+
+@contextlib.contextmanager
+def stop_after_calls(module: nn.Module, calls: int) -> Iterator[None]:
+    """Within the block, a forward pass stops (:class:`StopForward`) right after ``module``'s ``calls``-th call
+    counted from the block's start; the hook is removed on exit, also on error."""
+    count = 0
+
+    def hook(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        nonlocal count
+        count += 1
+        if count >= calls:
+            raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def forward_until_stopped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)``, or ``None`` when a hook ended the pass early with :class:`StopForward`."""
+    try:
+        return model(*args, **kwargs)
+    except StopForward:
+        return None
 
 
 def default_layer(model: nn.Module, inputs: Tensor) -> str:

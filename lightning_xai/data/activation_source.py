@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, resolve_layer, stop_after_calls
 from lightning_xai.checks import check_int
 from lightning_xai.distributed import Reducer, default_reducer
 
@@ -43,11 +43,6 @@ CACHE_DTYPES = ("float32", "float16")
 
 
 CACHE_FORMAT = 1
-
-
-class _StopForward(BaseException):
-    """Raised by a hook to end the forward pass after the layer's last call (a ``BaseException`` so that a
-    model's own ``except Exception`` cannot swallow it)."""
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -180,22 +175,8 @@ class ActivationSource(nn.Module):
             model_state_guard(self.model),
             capture_layer(self.model, self.layer, clone_output=not stop_early) as capture,
         ):
-            handle = None
-            if stop_early:
-                calls = self._calls
-
-                def stop(_module: nn.Module, _inputs: tuple, _output: Any) -> None:
-                    if len(capture.outputs) >= calls:
-                        raise _StopForward
-
-                handle = capture.module.register_forward_hook(stop)
-            try:
-                self.model(images)
-            except _StopForward:
-                pass
-            finally:
-                if handle is not None:
-                    handle.remove()
+            with stop_after_calls(capture.module, self._calls) if stop_early else contextlib.nullcontext():
+                forward_until_stopped(self.model, images)
             activation = capture.activation
             if self._calls is None:
                 self._calls = len(capture.outputs)

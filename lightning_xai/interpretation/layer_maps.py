@@ -4,13 +4,14 @@ stopped right after the layer, and a batch-independent bilinear upsampling of th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.layers import capture_layer
+from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, stop_after_calls
 from lightning_xai.batch import BatchReader
 
 __all__ = [
@@ -21,11 +22,6 @@ __all__ = [
     "read_concept_batch",
     "upsample_bilinear",
 ]
-
-
-class _StopForward(BaseException):
-    """Raised by a hook to end the forward pass once the dissected layer has produced its output. A
-    ``BaseException`` so that a model's own ``except Exception`` cannot swallow it."""
 
 
 #: Where a dict batch keeps the concept masks and the images' dataset indices (the images are found by
@@ -137,21 +133,8 @@ class LayerReader:
 
     def _run(self, images: Tensor, stop_after: int | None) -> tuple[Tensor, int]:
         with capture_layer(self.model, self.layer) as capture:
-            handle = None
-            if stop_after is not None:
-
-                def stop(_module: nn.Module, _inputs: tuple, _output: Any) -> None:
-                    if len(capture.outputs) >= stop_after:
-                        raise _StopForward
-
-                handle = capture.module.register_forward_hook(stop)
-            try:
-                self.model(images)
-            except _StopForward:
-                pass
-            finally:
-                if handle is not None:
-                    handle.remove()
+            with stop_after_calls(capture.module, stop_after) if stop_after is not None else contextlib.nullcontext():
+                forward_until_stopped(self.model, images)
             return capture.activation, len(capture.outputs)
 
     def __call__(self, images: Tensor) -> Tensor:

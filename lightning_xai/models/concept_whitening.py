@@ -63,7 +63,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.layers import StopForward, forward_until_stopped, resolve_layer
 from lightning_xai.batch import Key
 from lightning_xai.checks import check_bool
 from lightning_xai.distributed import sum_over_ranks
@@ -77,7 +77,6 @@ from lightning_xai.models.whitening import (
     _check_int,
     _distributed_rank,
     _distributed_world,
-    _StopForward,
     best_filter_auc,
     cayley_step,
     concept_purity,
@@ -340,7 +339,7 @@ class ConceptWhiteningClassifier(XAIModule):
             total.add_(flat.sum(dim=1))
             outer.add_(flat @ flat.mT)
             count.add_(flat.shape[1])
-            raise _StopForward
+            raise StopForward
 
         batches = 0
         with model_state_guard(self.backbone):
@@ -350,10 +349,7 @@ class ConceptWhiteningClassifier(XAIModule):
                 for i, batch in enumerate(loader):
                     if max_batches is not None and i >= max_batches:
                         break
-                    try:
-                        self.backbone(self.batch_reader.inputs(batch).to(self.device))
-                    except _StopForward:
-                        pass
+                    forward_until_stopped(self.backbone, self.batch_reader.inputs(batch).to(self.device))
                     batches += 1
             finally:
                 handle.remove()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.layers import StopForward, resolve_layer
 from lightning_xai.checks import check_float, check_int
 from lightning_xai.distributed import rank_and_world_size, sum_over_ranks
 from lightning_xai.evaluation.concepts import auc_matrix
@@ -172,10 +172,6 @@ def cayley_step(
     return rotation, info
 
 
-class _StopForward(Exception):
-    """Raised by a CW layer that collected its concept activations, to skip the rest of the network."""
-
-
 class ConceptWhitening(nn.Module):
     """Concept whitening layer (Chen, Bei & Rudin, Nature Machine Intelligence 2020) for ``[B, C, H, W]`` inputs.
 
@@ -287,7 +283,7 @@ class ConceptWhitening(nn.Module):
             if self._collecting is not None:
                 self._accumulate(z)
                 if self._stop_forward:
-                    raise _StopForward
+                    raise StopForward
             if self.training and self._collecting is None:
                 mean, covariance = self.batch_statistics(z)
                 eye = torch.eye(self.num_features, dtype=z.dtype, device=z.device)
@@ -341,7 +337,7 @@ class ConceptWhitening(nn.Module):
         self._collecting, self._stop_forward = concept, stop_forward
         try:
             yield
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             self._collecting, self._stop_forward = None, False
