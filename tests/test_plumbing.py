@@ -3,6 +3,7 @@ the Lightning namespace rule and callback target specifications."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -192,7 +193,9 @@ def test_namespace_follows_what_the_user_imported_first(first):
         "other = 'lightning' if ns.NAME == 'pytorch_lightning' else 'pytorch_lightning'\n"
         "print(ns.NAME, other in sys.modules and other != '" + first + "')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    env = {k: v for k, v in os.environ.items() if k != "LIGHTNING_XAI_NAMESPACE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=env)
     name, imported_other = out.stdout.split()
     assert name == ("pytorch_lightning" if first == "pytorch_lightning" else "lightning.pytorch")
     assert imported_other == "False", "the library must not import the other namespace"
