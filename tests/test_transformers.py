@@ -482,3 +482,37 @@ def test_transformers_example_runs(tmp_path):
     assert page.count('<div style="font-family:monospace') == 3 * 4  # 3 methods x 4 sequences
     assert "key" in page and "[PAD]" not in page
     assert os.path.getsize(png) > 1000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CAM family on token layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gradcam_on_a_vit_token_layer_equals_the_hand_computation():
+    from lightning_xai.attribution.cam import GradCAM, ScoreCAM
+
+    torch.manual_seed(0)
+    vit = vit_tiny(image_size=32, patch_size=8).eval()
+    with torch.no_grad():
+        vit.heads.head.weight.normal_()
+    x = torch.rand(2, 3, 32, 32)
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    captured: list[torch.Tensor] = []
+    handle = dict(vit.named_modules())[layer].register_forward_hook(lambda _m, _i, o: captured.append(o))
+    try:
+        scores = vit(x)[:, 3]
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(scores.sum(), captured[0])
+    act, grad = captured[0].detach()[:, 1:], grad[:, 1:]  # patch tokens [B, 16, D], class token dropped
+    weights = grad.mean(dim=1)  # spatial mean of the gradient per channel
+    grid = torch.einsum("bd,btd->bt", weights, act).clamp_min(0).view(2, 1, 4, 4)  # row-major patches
+    expected = F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False)
+    result = GradCAM(layer=layer)(vit, x, 3)
+    assert result.shape == (2, 1, 32, 32)
+    assert torch.allclose(result, expected, atol=1e-6)
+    assert torch.allclose(GradCAM(layer=layer, reshape=(4, 4))(vit, x, 3), expected, atol=1e-6)
+    assert ScoreCAM(layer=layer, max_channels=4)(vit, x, 3).shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="reshape must be None"):
+        GradCAM(layer=layer, reshape=(4,))

@@ -5,6 +5,7 @@ be built by its registered name with :func:`build_attributor` (``"gradcam"``, ``
 "steps": 64}``).
 """
 
+from lightning_xai.attribution.attention import AttentionRollout, TransformerAttribution
 from lightning_xai.attribution.base import ATTRIBUTORS, Attributor, Target, build_attributor
 from lightning_xai.attribution.cam import CAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 from lightning_xai.attribution.cem import CEMPertinentNegative, CEMPertinentPositive, ContrastiveExplanation
@@ -12,6 +13,7 @@ from lightning_xai.attribution.gradient import InputXGradient, IntegratedGradien
 from lightning_xai.attribution.guided import Deconvnet, GuidedBackprop, GuidedGradCAM
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
 from lightning_xai.attribution.lrp import LRP
+from lightning_xai.attribution.lrp.transformer import AttnLRP
 from lightning_xai.attribution.meaningful_perturbation import MeaningfulPerturbation
 from lightning_xai.attribution.occlusion import Occlusion
 from lightning_xai.attribution.pattern import PatternAttribution, PatternNet, PatternSet, fit_patterns
@@ -19,6 +21,13 @@ from lightning_xai.attribution.prediction_difference import PredictionDifference
 from lightning_xai.attribution.rise import RISE
 from lightning_xai.attribution.surrogate import LIME, KernelSHAP
 from lightning_xai.attribution.targets import ContrastiveTarget, contrastive_target
+from lightning_xai.attribution.token_surrogate import TokenKernelSHAP, TokenLIME
+from lightning_xai.attribution.tokens import (
+    TokenInputXGradient,
+    TokenIntegratedGradients,
+    TokenOcclusion,
+    TokenSaliency,
+)
 
 __all__ = [
     "ATTRIBUTORS",
@@ -26,6 +35,8 @@ __all__ = [
     "LIME",
     "LRP",
     "RISE",
+    "AttentionRollout",
+    "AttnLRP",
     "Attributor",
     "CEMPertinentNegative",
     "CEMPertinentPositive",
@@ -50,6 +61,13 @@ __all__ = [
     "ScoreCAM",
     "SmoothGrad",
     "Target",
+    "TokenInputXGradient",
+    "TokenIntegratedGradients",
+    "TokenKernelSHAP",
+    "TokenLIME",
+    "TokenOcclusion",
+    "TokenSaliency",
+    "TransformerAttribution",
     "build_attributor",
     "capture_layer",
     "contrastive_target",

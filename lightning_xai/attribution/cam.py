@@ -19,7 +19,9 @@ Conventions shared by all of them:
 
 * The layer is given by dotted name (``"layer4"``, ``"layer4.1.relu"``), as a module, or ``None`` for
   :func:`~lightning_xai.attribution.layers.default_layer` (the last module with a spatial 4-D output, e.g.
-  ``"layer4"`` of a torchvision ResNet). Its output must be ``[B, K, h, w]``. A module called several times in
+  ``"layer4"`` of a torchvision ResNet). Its output must be ``[B, K, h, w]``, or the tokens ``[B, T, D]``
+  of a vision transformer, laid out on their patch grid (class token dropped; ``reshape``: see
+  :mod:`~lightning_xai.attribution.token_grid`). A module called several times in
   one forward pass is taken at its **last** call (for the shared ``relu`` of a torchvision ``BasicBlock``: the
   block output). The activation is captured with :func:`~lightning_xai.attribution.layers.capture_layer`,
   which hands a clone downstream, so in-place operations after the layer (``ReLU(inplace=True)``,
@@ -50,6 +52,7 @@ from lightning_xai.attribution.base import (
     validate_target,
 )
 from lightning_xai.attribution.layers import capture_layer, default_layer, resolve_layer
+from lightning_xai.attribution.token_grid import Reshape, check_reshape, token_grid
 from lightning_xai.checks import check_choice, check_int, check_optional_int
 
 __all__ = ["CAM", "GradCAM", "GradCAMPlusPlus", "LayerCAM", "ScoreCAM"]
@@ -90,17 +93,24 @@ class _CAMBase(Attributor):
 
     requires_image = True
 
-    def __init__(self, layer: Layer = None, relu: bool = True) -> None:
+    def __init__(self, layer: Layer = None, relu: bool = True, reshape: Reshape = None) -> None:
         self.layer = _check_layer(layer)
         self.relu = _check_flag("relu", relu, type(self).__name__)
+        self.reshape = check_reshape(reshape, type(self).__name__)
+
+    def _as_grid(self, activation: Tensor, inputs: Tensor) -> Tensor:
+        """A token layer's ``[B, T, D]`` as ``[B, D, h, w]`` (see :mod:`~lightning_xai.attribution.token_grid`);
+        a feature map as it is."""
+        return token_grid(activation, (inputs.shape[-2], inputs.shape[-1]), self.reshape)
 
     def _layer(self, model: nn.Module, inputs: Tensor) -> str | nn.Module:
         return self.layer if self.layer is not None else default_layer(model, inputs)
 
     def _check_activation(self, activation: Tensor, inputs: Tensor, name: str) -> None:
-        if activation.ndim != 4 or activation.shape[0] != inputs.shape[0]:
+        if activation.ndim not in (3, 4) or activation.shape[0] != inputs.shape[0]:
             raise ValueError(
-                f"{type(self).__name__} needs a layer whose output is a feature map [B, K, h, w] with "
+                f"{type(self).__name__} needs a layer whose output is a feature map [B, K, h, w] (or tokens "
+                f"[B, T, D]) with "
                 f"B = {inputs.shape[0]}; layer {name!r} returns shape {list(activation.shape)}"
             )
 
@@ -132,7 +142,7 @@ class _GradientCAM(_CAMBase):
                 f"{type(self).__name__}: the explained score does not depend on layer {capture.name!r}; "
                 "pick a layer on the path from input to output"
             )
-        cam = self._combine(activation.detach(), grad.detach())
+        cam = self._combine(self._as_grid(activation.detach(), inputs), self._as_grid(grad.detach(), inputs))
         return self._finish(cam, inputs)
 
     def _combine(self, activation: Tensor, grad: Tensor) -> Tensor:
@@ -161,8 +171,10 @@ class CAM(_CAMBase):
 
     name = "cam"
 
-    def __init__(self, layer: Layer = None, head: str | nn.Module | None = None, relu: bool = False) -> None:
-        super().__init__(layer=layer, relu=relu)
+    def __init__(
+        self, layer: Layer = None, head: str | nn.Module | None = None, relu: bool = False, reshape: Reshape = None
+    ) -> None:
+        super().__init__(layer=layer, relu=relu, reshape=reshape)
         self.head = _check_layer(head, "head")
 
     def _head(self, model: nn.Module) -> tuple[str, nn.Linear]:
@@ -191,6 +203,7 @@ class CAM(_CAMBase):
             output = model(inputs)
         activation = capture.activation.detach()
         self._check_activation(activation, inputs, capture.name)
+        activation = self._as_grid(activation, inputs)
         channels = activation.shape[1]
         if head.in_features != channels:
             raise ValueError(
@@ -287,8 +300,9 @@ class GradCAMPlusPlus(_GradientCAM):
         relu: bool = True,
         normalize_alpha: bool = True,
         alpha_normalization: Literal["all", "positive"] = "all",
+        reshape: Reshape = None,
     ) -> None:
-        super().__init__(layer=layer, relu=relu)
+        super().__init__(layer=layer, relu=relu, reshape=reshape)
         owner = type(self).__name__
         self.normalize_alpha = _check_flag("normalize_alpha", normalize_alpha, owner)
         self.alpha_normalization = check_choice(
@@ -376,8 +390,9 @@ class ScoreCAM(_CAMBase):
         max_channels: int | None = None,
         weighting: Literal["softmax", "score"] = "softmax",
         baseline_subtract: bool = False,
+        reshape: Reshape = None,
     ) -> None:
-        super().__init__(layer=layer, relu=relu)
+        super().__init__(layer=layer, relu=relu, reshape=reshape)
         owner = type(self).__name__
         self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
         self.max_channels = check_optional_int(
@@ -419,6 +434,7 @@ class ScoreCAM(_CAMBase):
                     parts.append(capture.activation)
             activation = torch.cat(parts)
             self._check_activation(activation, x, capture.name)
+            activation = self._as_grid(activation, x)
             if self.max_channels is not None and self.max_channels < activation.shape[1]:
                 top = activation.mean(dim=(2, 3)).topk(self.max_channels, dim=1).indices  # [B, K']
                 index = top[:, :, None, None].expand(-1, -1, *activation.shape[2:])
