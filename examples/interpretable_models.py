@@ -1,12 +1,17 @@
 """Interpretable-by-design models on one Lightning loop: a concept bottleneck model with test-time interventions,
 a ProtoPNet that explains by "this looks like that", and a concept-whitening classifier whose axes are concepts.
 
-    python examples/interpretable_models.py                 # about 3 minutes on a laptop CPU
+    python examples/interpretable_models.py                 # about 3.5 minutes on 2 (busy) CPU cores
+
+At its defaults it shows each model's point (measured): intervening on all concept groups lifts the concept
+bottleneck from 0.35 to 1.00 test accuracy; ProtoPNet classifies 0.94 of the test images from prototypes that are
+training patches; the concept-whitening axes detect their shape concepts with a mean AUC of 0.66 (chance 0.5;
+longer training reaches 0.90, see ``benchmarks/by_design.py``).
     python examples/interpretable_models.py --quick         # tiny data, 2-3 epochs: a smoke run (seconds)
 
-1. ``ConceptBottleneckModel`` (Koh et al., ICML 2020), joint training on generated ConceptScenes (the class is a
-   function of the shape and colour concepts): prints task and concept accuracy and the intervention curve (task
-   accuracy after replacing 0, 1, ... concept groups by their true values, mean over random orders).
+1. ``ConceptBottleneckModel`` (Koh et al., ICML 2020), independent training on generated ConceptScenes (the class
+   is a function of the shape and colour concepts): prints task and concept accuracy and the intervention curve
+   (task accuracy after replacing 0, 1, ... concept groups by their true values, mean over random orders).
 2. ``ProtoPNet`` (Chen et al., NeurIPS 2019) on the 6-class ground-truth flowers (class = disc colour): warm-up,
    joint, push, last-layer stages in one ``fit``; prints the top prototypes of a few test images and writes the
    prototype gallery (each prototype's source patch, rows = classes) to ``--out``/prototypes.png.
@@ -52,13 +57,22 @@ def test_accuracy(model: pl.LightningModule, datamodule: pl.LightningDataModule)
 
 def concept_bottleneck(args: argparse.Namespace) -> None:
     dm = ConceptDataModule(image_size=32, n_train=args.n_train, n_val=200, n_test=300, batch_size=64, seed=0)
-    model = ConceptBottleneckModel("small_cnn", num_concepts=dm.num_concepts, num_classes=8, mode="joint", lr=3e-3)
+    # independent training (Koh et al.): the concept model first, then the class head on the true concepts - the
+    # mode whose interventions can correct every concept mistake (the joint model's soft concepts leak class
+    # information that true 0/1 values remove)
+    concept_epochs = args.epochs - 2
+    model = ConceptBottleneckModel(
+        "small_cnn", num_concepts=dm.num_concepts, num_classes=8, mode="independent",
+        concept_epochs=concept_epochs, lr=1e-2, scheduler="cosine",
+    )
     trainer(args.epochs).fit(model, dm)
     (result,) = trainer(1).test(model, dm, verbose=False)
     print(f"[CBM] test accuracy {result['test_acc']:.3f}, concept accuracy {result['test_concept_acc']:.3f}")
     curve = model.intervention_curve(dm, groups=dm.categories, n_orders=5)
     points = ", ".join(f"{int(k)}: {float(a):.3f}" for k, a in zip(curve.num_groups, curve.accuracy))
     print(f"[CBM] accuracy after intervening on k of {curve.group_names} (mean over 5 orders): {points}")
+    print(f"[CBM] -> replacing predicted concepts by true ones moves accuracy from {float(curve.accuracy[0]):.3f} to "
+          f"{float(curve.accuracy[-1]):.3f}: the class is decided through the concepts, so fixing them fixes it")
 
 
 def prototype_network(args: argparse.Namespace, out: Path) -> None:
@@ -101,24 +115,28 @@ def prototype_network(args: argparse.Namespace, out: Path) -> None:
 
 def concept_whitening(args: argparse.Namespace) -> None:
     dm = ConceptDataModule(image_size=32, n_train=args.n_train, n_val=200, n_test=300, batch_size=64, seed=0)
-    model = ConceptWhiteningClassifier(SHAPES, "small_cnn", layer="features.1", num_classes=8, update_every=10, lr=3e-3)
+    model = ConceptWhiteningClassifier(
+        SHAPES, "small_cnn", layer="features.1", num_classes=8, update_every=10, lr=1e-2, scheduler="cosine"
+    )
     trainer(args.epochs).fit(model, dm)
     concept_ids = [dm.concept_names.index(name) for name in SHAPES]
     purity = concept_purity(model, model.cw, dm, concept_ids)
     scores = ", ".join(f"{name} {float(a):.3f}" for name, a in zip(SHAPES, purity))
     print(f"[CW] test accuracy {test_accuracy(model, dm):.3f}; concept purity (AUC of the aligned axis): {scores}")
     print(f"[CW] max |R^T R - I| = {orthogonality_error(model.cw.rotation):.1e}")
+    print(f"[CW] -> mean purity {float(purity.mean()):.3f} (0.5 = chance): axis j of the whitened layer responds to "
+          "concept j, so the layer can be read concept by concept")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny data and 3 epochs (a smoke run)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 8; quick: 3)")
-    parser.add_argument("--n-train", type=int, default=None, help="training images (default 1500; quick: 128)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per model (default 12; quick: 3)")
+    parser.add_argument("--n-train", type=int, default=None, help="training images (default 2500; quick: 128)")
     parser.add_argument("--out", default="runs/interpretable_models")
     args = parser.parse_args()
-    args.epochs = args.epochs or (3 if args.quick else 8)
-    args.n_train = args.n_train or (128 if args.quick else 1500)
+    args.epochs = args.epochs or (3 if args.quick else 12)
+    args.n_train = args.n_train or (128 if args.quick else 2500)
     if args.epochs < 3:
         parser.error("--epochs must be >= 3 (ProtoPNet needs a warm-up, a joint and a last-layer epoch)")
     out = Path(args.out)
