@@ -128,6 +128,19 @@ CASES: dict[str, Case] = {
 
 NAMES = sorted(ATTRIBUTORS)
 COVERED = [name for name in NAMES if name in CASES]
+#: Methods that need attention modules or token-id inputs, which the image model above has not: the same contract
+#: is tested on transformer and token models in tests/test_transformers.py and tests/test_tokens.py.
+TRANSFORMER_METHODS = {
+    "attention_rollout",
+    "transformer_attribution",
+    "attnlrp",
+    "token_saliency",
+    "token_input_x_gradient",
+    "token_integrated_gradients",
+    "token_occlusion",
+    "token_lime",
+    "token_kernel_shap",
+}
 
 
 def _build(name: str, model: nn.Module) -> Attributor:
@@ -148,7 +161,7 @@ def model() -> ContractModel:
 
 
 def test_every_registered_attributor_has_a_contract_case():
-    missing = [name for name in NAMES if name not in CASES]
+    missing = [name for name in NAMES if name not in CASES and name not in TRANSFORMER_METHODS]
     assert not missing, f"add a Case for these registered attributors to tests/test_attributor_contract.py: {missing}"
 
 
