@@ -181,3 +181,24 @@ def test_explanation_quality_config_fast_dev_run(tmp_path):
             assert 0.0 <= values[key] <= 1.0, (key, values[key])
     assert set(sanity.results) == {"saliency", "gradcam"}
     assert all(isinstance(r["passes"], bool) for r in sanity.results.values())
+
+
+@pytest.mark.parametrize(
+    "config", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
+)
+def test_every_shipped_config_runs_under_fast_dev_run(config, tmp_path):
+    """Generated from the folder: a config added to examples/configs is tested without a new test."""
+    cli = main(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "examples", "configs", config),
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.trainer.state.finished, cli.trainer.state
+    for callback in cli.trainer.callbacks:
+        errors = getattr(callback, "errors", None)
+        assert not errors, (config, type(callback).__name__, [str(e) for e in errors])
