@@ -133,3 +133,62 @@ def test_callback_produces_output_or_says_why(name, cfg, tmp_path):
         assert len(keys) == len(set(keys)), f"{name} history repeats a (stage, step): {keys}"
         if cfg == "validate_after_fit":
             assert [h["stage"] for h in history][-1] == "validate"
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_state_round_trips_and_loading_never_rolls_history_back(name, tmp_path):
+    """state_dict -> load_state_dict into a fresh instance restores the state; loading an older state into an
+    instance that has more history keeps the newer records (a validate after fit must not roll back)."""
+    callback = CALLBACKS[name]()
+    _run("default", callback, tmp_path)
+    state = callback.state_dict()
+    fresh = CALLBACKS[name]()
+    fresh.load_state_dict(state)
+    assert torch.save(fresh.state_dict(), tmp_path / "a.pt") is None  # picklable, as a checkpoint needs
+    for field in type(callback).state_fields:
+        assert repr(getattr(fresh, field)) == repr(getattr(callback, field)), field
+    records = [f for f in type(callback).state_fields
+               if isinstance(state.get(f), list) and len(state[f]) > 1 and isinstance(state[f][0], dict)]
+    for field in records:
+        older = dict(state, **{field: state[field][:1]})
+        callback.load_state_dict(older)
+        assert len(getattr(callback, field)) == len(state[field]), f"loading an older {field} rolled it back"
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_runtime_faults_with_on_error_warn_never_stop_training(name, tmp_path, monkeypatch):
+    """A fault while the callback runs (here: every attributor / metric / method call raising at the second
+    epoch) is recorded and warned, and training completes."""
+    callback = CALLBACKS[name]()
+    original = type(callback).compute
+
+    def failing(self, trainer, pl_module):
+        if trainer.current_epoch >= 1:
+            raise RuntimeError("injected fault")
+        return original(self, trainer, pl_module)
+
+    monkeypatch.setattr(type(callback), "compute", failing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _run("default", callback, tmp_path)
+    assert trainer.current_epoch == 2 and trainer.state.finished
+    assert any("injected fault" in str(e) for e in callback.errors)
+    assert any(str(w.message).startswith(callback.name) and "injected fault" in str(w.message) for w in caught)
+
+
+def test_ddp_spawn_results_come_back_through_load_results(tmp_path):
+    """Under ddp_spawn the launching process's callback stays empty (Lightning runs the hooks in the workers):
+    rank zero says so once and writes the state, and load_results restores it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "ddp_spawn_script.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["history_in_launching_process"] == 0
+    assert result["history_after_load"] == 2 and result["drift_epochs"] == [1]
+    assert proc.stderr.count("ExplanationMonitor: under ddp_spawn") == 1, proc.stderr[-3000:]
