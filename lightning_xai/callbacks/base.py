@@ -41,74 +41,45 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.batch import BatchReader, Key, OutputReader, outputs_as_logits
+from lightning_xai.batch import BatchReader, Key, OutputReader
+from lightning_xai.callbacks.files import RunFiles
+from lightning_xai.callbacks.methods import MethodRunner, eager_forward, method_names
 from lightning_xai.callbacks.probe import ProbeBatch, ProbeSet
+from lightning_xai.callbacks.records import (
+    ConfigurationError,
+    ErrorLog,
+    ErrorRecord,
+    ValidationContext,
+    merge_records,
+    record_key,
+)
+from lightning_xai.callbacks.sources import DataSources
 from lightning_xai.callbacks.targets import ResolvedTargets, TargetSpec
 from lightning_xai.checks import check_bool, check_choice, check_int, check_optional_int
 from lightning_xai.distributed import RankFailed, Reducer, agree, default_reducer, gather_rows, run_agreed
 from lightning_xai.namespace import Callback, rank_zero_warn
 from lightning_xai.viz.dashboard import log_config
 
-__all__ = ["ConfigurationError", "ErrorLog", "ErrorRecord", "ValidationContext", "XAICallback", "eager_forward"]
+__all__ = [
+    "ConfigurationError",
+    "ErrorLog",
+    "ErrorRecord",
+    "ValidationContext",
+    "XAICallback",
+    "eager_forward",
+    "method_names",
+]
 
 OnError = Literal["warn", "raise"]
 SPLITS = ("train", "val", "test")
-
-
-class ConfigurationError(ValueError):
-    """A callback's configuration does not fit the model or the data (raised before the first training step)."""
-
-
-@dataclass
-class ErrorRecord:
-    """One runtime fault of a callback: where it happened and what it was (``"text" in record`` searches the
-    message)."""
-
-    stage: str
-    epoch: int
-    step: int
-    method: str | None
-    message: str
-
-    def __contains__(self, text: str) -> bool:
-        return text in self.message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class ErrorLog(list):
-    """The :class:`ErrorRecord` s of a callback, oldest first; ``errors["gradcam"]`` is the last message of that
-    method (``KeyError`` if it never failed)."""
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            for record in reversed(self):
-                if record.method == key:
-                    return record.message
-            raise KeyError(key)
-        return super().__getitem__(key)
-
-    def methods(self) -> set[str]:
-        return {r.method for r in self if r.method}
-
-
-@dataclass
-class ValidationContext:
-    """What the dry pass at setup saw, handed to :meth:`XAICallback.validate`."""
-
-    probe: ProbeBatch | None
-    logits: Tensor | None
-    dataset: Any
 
 
 def _unwrap(model: Any) -> Any:
@@ -116,29 +87,7 @@ def _unwrap(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-@contextmanager
-def eager_forward(pl_module: Any) -> Iterator[Any]:
-    """Run a LightningModule that the Trainer compiled (``trainer.fit(torch.compile(model))``) with its original,
-    eager ``forward`` for the duration: explanations hook into submodules, which compiled code does not call.
-    Restored on exit (also on error); a module that was not compiled is left alone."""
-    ctx = getattr(pl_module, "_compiler_ctx", None)
-    original = ctx.get("original_forward") if isinstance(ctx, dict) else None
-    if original is None:
-        yield pl_module
-        return
-    had_own = "forward" in vars(pl_module)
-    compiled = vars(pl_module).get("forward")
-    pl_module.forward = original
-    try:
-        yield pl_module
-    finally:
-        if had_own:
-            pl_module.forward = compiled
-        else:
-            del pl_module.forward
-
-
-class XAICallback(Callback):
+class XAICallback(DataSources, MethodRunner, RunFiles, Callback):
     """Base of every lightning_xai callback (see the module docstring for what it owns).
 
     Args:
@@ -271,7 +220,7 @@ class XAICallback(Callback):
             self.probe.indices = list(state_dict["probe_indices"])
         loaded_errors = [ErrorRecord(**e) if isinstance(e, Mapping) else e for e in state_dict.get("errors", [])]
         self.errors = ErrorLog(
-            _merge_records(loaded_errors, self.errors, key=lambda e: (e.stage, e.step, e.method, e.message))
+            merge_records(loaded_errors, self.errors, key=lambda e: (e.stage, e.step, e.method, e.message))
         )
         for field in self.state_fields:
             if field in state_dict:
@@ -281,7 +230,7 @@ class XAICallback(Callback):
         """How a loaded field combines with the one in memory: lists of records (dicts with ``stage`` and
         ``step``) are merged by ``(stage, step)`` so that nothing is rolled back; anything else is replaced."""
         if isinstance(current, list) and isinstance(loaded, list) and current:
-            return _merge_records(loaded, current, key=_record_key)
+            return merge_records(loaded, current, key=record_key)
         return loaded
 
     def history_record(self, trainer: Any, **values: Any) -> dict[str, Any]:
@@ -459,82 +408,6 @@ class XAICallback(Callback):
             raise RuntimeError(f"{what} failed at epoch {record.epoch}, step {record.step}: {message}") from err
         rank_zero_warn(f"{what} skipped at epoch {record.epoch} (step {record.step}): {message}")
 
-    # ------------------------------------------------------------------------------------------------ data
-    def dataset(self, trainer: Any, split: str | None = None) -> Any:
-        """The dataset of ``split`` (default: the callback's), found as the module docstring says."""
-        split = split or self.split
-        if self.given_dataset is not None:
-            return self.given_dataset
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and callable(getattr(datamodule, "dataset", None)):
-            try:
-                return datamodule.dataset(split)
-            except (TypeError, KeyError, ValueError, AttributeError):
-                pass  # not this project's DataModule signature: fall back on the loaders
-        loaders = self._loaders(trainer, split)
-        if loaders is None and split != "train":
-            loaders = self._loaders(trainer, "train")
-            if loaders is not None:
-                self.say_once("train-split", f"found no {split} data; drawing the probe set from the train split")
-        if loaders is None:
-            raise ConfigurationError(
-                f"{self.name}: found no {split} data (no {split}_dataloader on the trainer, datamodule or model); "
-                "pass dataset= or probe_batch="
-            )
-        loader = self._pick(loaders, split)
-        if not hasattr(loader, "dataset"):
-            raise ConfigurationError(f"{self.name}: the {split} loader has no dataset; pass dataset= or probe_batch=")
-        return loader.dataset
-
-    def _pick(self, loaders: Any, split: str) -> Any:
-        if isinstance(loaders, Mapping):
-            loaders = list(loaders.values())
-        if isinstance(loaders, (list, tuple)):
-            if not loaders:
-                return None
-            if self.dataloader_idx >= len(loaders):
-                raise ConfigurationError(
-                    f"{self.name}: dataloader_idx={self.dataloader_idx} but the {split} split has {len(loaders)} "
-                    f"loaders (valid: 0..{len(loaders) - 1})"
-                )
-            if len(loaders) > 1:
-                self.say_once(
-                    "loader",
-                    f"the {split} split has {len(loaders)} loaders; using loader {self.dataloader_idx} "
-                    "(set dataloader_idx= to choose)",
-                )
-            return loaders[self.dataloader_idx]
-        return loaders
-
-    def _loaders(self, trainer: Any, split: str) -> Any:
-        """The split's loader(s): the Trainer's if it loaded them, else asked from the source the Trainer was given
-        (loaders passed to ``fit``/``validate``, the datamodule or the model) even when Lightning did not load
-        them (``limit_val_batches=0``, a run stopped before its first validation)."""
-        attr = {"train": "train_dataloader", "val": "val_dataloaders", "test": "test_dataloaders"}[split]
-        loaders = getattr(trainer, attr, None)
-        if loaders is not None and not (isinstance(loaders, (list, tuple, Mapping)) and not loaders):
-            return loaders
-        method = f"{split}_dataloader"
-        sources = [_data_source(trainer, split), getattr(trainer, "datamodule", None),
-                   getattr(trainer, "lightning_module", None)]
-        for candidate in sources:
-            if candidate is None:
-                continue
-            fn = getattr(candidate, method, None)
-            if not callable(fn):
-                if hasattr(candidate, "dataset") or isinstance(candidate, (list, tuple, Mapping)):
-                    return candidate  # loaders given to trainer.fit / validate directly
-                continue
-            try:
-                loaders = fn()
-            except Exception as err:
-                if type(err).__name__ in ("MisconfigurationException", "NotImplementedError"):
-                    continue  # the hook is not implemented by this source
-                raise ConfigurationError(f"{self.name}: {type(candidate).__name__}.{method}() failed: {err}") from err
-            if loaders is not None and not (isinstance(loaders, (list, tuple, Mapping)) and not loaders):
-                return loaders
-        return None
-
     def probe_shard(self, trainer: Any, pl_module: Any) -> ProbeBatch:
         """This rank's shard of the probe set, on the module's device."""
         assert self.probe is not None
@@ -596,55 +469,6 @@ class XAICallback(Callback):
         """The module layer names are resolved against (the original module of a ``torch.compile`` wrapper)."""
         return _unwrap(pl_module)
 
-    # ------------------------------------------------------------------------------------------------ methods
-    def explain_rows(
-        self, trainer: Any, pl_module: Any, methods: Mapping[str, Any], probe: ProbeBatch, resolved: ResolvedTargets
-    ) -> dict[str, Tensor]:
-        """Each method's maps of ``probe.inputs[resolved.rows]`` on this rank; a method that fails or gives NaN /
-        inf is reported by name (:meth:`fault`) and left out on every rank (the ranks agree), the others go on.
-        A rank with no rows to explain still runs one padding sample so that its maps have the right shape."""
-        rows = resolved.rows
-        empty = rows.numel() == 0
-        run_rows = rows if not empty else torch.zeros(1, dtype=torch.long, device=rows.device)
-        target = resolved.target
-        if isinstance(target, Tensor):
-            target = target if not empty else torch.zeros(1, dtype=torch.long, device=rows.device)
-        inputs = probe.inputs[run_rows]
-        results: dict[str, Tensor] = {}
-        for name, method in methods.items():
-            local, ok = None, True
-            try:
-                with outputs_as_logits(pl_module, self.output_reader):
-                    local = method(pl_module, inputs, target).detach().float()
-                if not bool(torch.isfinite(local).all()):
-                    raise FloatingPointError(f"the {name} map contains NaN or inf")
-            except Exception as err:  # isolated per method; reported by name
-                ok = False
-                self.fault(trainer, name, err)
-            if self.agree(ok) and local is not None:
-                results[name] = local[: rows.numel()]
-        return results
-
-    def dry_run_methods(self, pl_module: Any, context: ValidationContext, methods: Mapping[str, Any]) -> None:
-        """Run every method once on the first probe sample at setup. A ``ValueError`` / ``KeyError`` /
-        ``TypeError`` / ``IndexError`` (a wrong layer name, a class out of range, an unreadable output) is a
-        configuration mistake and raises :class:`ConfigurationError` naming the method; other faults are left to
-        the runtime policy (``on_error``)."""
-        if context.probe is None or context.logits is None:
-            return
-        resolved = self.target.resolve(context.logits, context.probe.labels)
-        target = resolved.target
-        if isinstance(target, Tensor) and target.numel() == 0:  # e.g. no positive label: explain class 0
-            target = torch.zeros(1, dtype=torch.long, device=context.logits.device)
-        for name, method in methods.items():
-            try:
-                with outputs_as_logits(pl_module, self.output_reader):
-                    method(pl_module, context.probe.inputs[:1], target if callable(target) else target[:1])
-            except (ValueError, KeyError, TypeError, IndexError) as err:
-                raise ConfigurationError(f"{self.name}: method {name!r} cannot run: {err}") from err
-            except Exception:  # a runtime fault: handled by on_error when it recurs during training
-                pass
-
     # ------------------------------------------------------------------------------------------------ ranks
     @property
     def reducer(self) -> Reducer:
@@ -684,95 +508,10 @@ class XAICallback(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(finite, step=self.logger_step(trainer))
 
-    def _dir(self, trainer: Any) -> str:
-        return self.output_dir or os.path.join(trainer.default_root_dir, "xai")
-
-    def output_path(self, trainer: Any, name: str, ext: str = "png") -> str:
-        """A new file path ``<output_dir>/<callback>/<name>_<stage>_epoch<e>_step<s>.<ext>`` (never an existing
-        file: a suffix is added)."""
-        folder = os.path.join(self._dir(trainer), self.name.lower())
-        os.makedirs(folder, exist_ok=True)
-        when = f"{self.stage(trainer)}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}"
-        stem = f"{name.replace('/', '_')}_{when}"
-        path, i = os.path.join(folder, f"{stem}.{ext}"), 2
-        while os.path.exists(path):
-            path, i = os.path.join(folder, f"{stem}_{i}.{ext}"), i + 1
-        return path
-
-    # ------------------------------------------------------------------------------------------------ spawn
-    @staticmethod
-    def _spawned(trainer: Any) -> bool:
-        launcher = getattr(trainer.strategy, "launcher", None)
-        return getattr(launcher, "_start_method", None) == "spawn" and trainer.world_size > 1
-
-    def _results_path(self, trainer: Any | None = None, output_dir: str | None = None) -> str:
-        folder = output_dir or (self._dir(trainer) if trainer is not None else self.output_dir) or "."
-        return os.path.join(folder, f"{self.name.lower()}_{self.log_key.replace('/', '_')}_state.pt")
-
-    def _save_results(self, trainer: Any) -> None:
-        path = self._results_path(trainer)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(self.state_dict(), path)
-
-    def load_results(self, output_dir: str | None = None) -> None:
-        """Load what rank zero wrote at the end of a ``ddp_spawn`` fit (the launching process's object is empty)."""
-        path = self._results_path(output_dir=output_dir)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{self.name}: no results at {path}; was the run a ddp_spawn fit?")
-        self.load_state_dict(torch.load(path, weights_only=False))
-
-
-def _data_source(trainer: Any, split: str) -> Any:
-    """What the Trainer was given for ``split`` (loaders, a datamodule or the model), from its loops."""
-    try:
-        if split == "train":
-            loop = trainer.fit_loop
-        elif split == "test":
-            loop = trainer.test_loop
-        elif XAICallback.stage(trainer) == "validate":
-            loop = trainer.validate_loop
-        else:
-            loop = trainer.fit_loop.epoch_loop.val_loop
-        return loop._data_source.instance
-    except AttributeError:
-        return None
-
-
 def _finite(value: Any) -> bool:
     try:
         return bool(torch.isfinite(torch.as_tensor(float(value))))
     except (TypeError, ValueError):
         return False
 
-
-def _record_key(record: Any) -> Any:
-    if isinstance(record, Mapping):
-        return (record.get("stage"), record.get("step"), record.get("epoch"), repr(sorted(record.keys())))
-    return repr(record)
-
-
-def _merge_records(first: Iterable[Any], second: Iterable[Any], key: Callable[[Any], Any]) -> list[Any]:
-    """``first`` then the records of ``second`` whose key is not in ``first`` (order kept, no duplicates)."""
-    merged = list(first)
-    seen = {key(r) for r in merged}
-    for record in second:
-        if key(record) not in seen:
-            merged.append(record)
-            seen.add(key(record))
-    return merged
-
-
-def method_names(specs: Sequence[Any], build: Callable[[Any], Any]) -> dict[str, Any]:
-    """``{name: built}`` for attributor-like specs, names made unique (``gradcam``, ``gradcam_2``)."""
-    if isinstance(specs, (str, dict)) or not isinstance(specs, Sequence):
-        specs = [specs]
-    built: dict[str, Any] = {}
-    for spec in specs:
-        obj = build(spec)
-        key = getattr(obj, "name", None) or type(obj).__name__.lower()
-        base, i = key, 2
-        while key in built:
-            key, i = f"{base}_{i}", i + 1
-        built[key] = obj
-    return built
 
