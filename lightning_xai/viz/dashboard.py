@@ -19,7 +19,6 @@ No Lightning import.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ import torch
 from lightning_xai.viz.figures import render_curves
 from lightning_xai.viz.grid import ExplanationGrid
 from lightning_xai.viz.logging import (
+    _as_series,
     _check_image,
     _check_key,
     _check_loggers,
@@ -46,6 +46,7 @@ from lightning_xai.viz.logging import (
     logger_kind,
     markdown_table,
     unique_stem,
+    write_csv,
 )
 from lightning_xai.viz.render import save_png
 
@@ -259,21 +260,8 @@ def log_config(
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, prefix):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{_file_stem(prefix.rstrip('/'))}_config.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["key", "value"])
-            writer.writerows([k, v] for k, v in flat.items())
-        destinations.append(str(path))
+        destinations.append(write_csv(path, ["key", "value"], ([k, v] for k, v in flat.items())))
     return destinations
-
-
-def _series(values: Any, name: str) -> list[float]:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {list(arr.shape)}")
-    return arr.tolist()
 
 
 def log_curves(
@@ -301,10 +289,10 @@ def log_curves(
     _check_key(key)
     _check_step(step)
     step = int(step)
-    x = _series(xs, "xs")
+    x = _as_series(xs, "xs")
     if not isinstance(series, Mapping) or not series:
         raise ValueError("log_curves: series must be a non-empty mapping of name -> values")
-    ys = {str(name): _series(values, f"series[{name!r}]") for name, values in series.items()}
+    ys = {str(name): _as_series(values, f"series[{name!r}]") for name, values in series.items()}
     for name, values in ys.items():
         if len(values) != len(x):
             raise ValueError(f"log_curves: series {name!r} has {len(values)} points but xs has {len(x)}")
@@ -335,17 +323,13 @@ def log_curves(
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            header = ["series", x_label, y_label] + ([f"{x_label} name"] if x_ticklabels is not None else [])
-            writer.writerow(header)
-            for name, values in ys.items():
-                for i, (xv, yv) in enumerate(zip(x, values)):
-                    row = [name, xv, yv if math.isfinite(yv) else ""]
-                    if x_ticklabels is not None:
-                        row.append(x_ticklabels[i])
-                    writer.writerow(row)
-        destinations.append(str(path))
+        header = ["series", x_label, y_label] + ([f"{x_label} name"] if x_ticklabels is not None else [])
+        rows = [
+            [name, xv, yv if math.isfinite(yv) else "", *([x_ticklabels[i]] if x_ticklabels is not None else [])]
+            for name, values in ys.items()
+            for i, (xv, yv) in enumerate(zip(x, values))
+        ]
+        destinations.append(write_csv(path, header, rows))
     return destinations
 
 

@@ -352,13 +352,17 @@ def log_table(
                     cell = name
                 out_row.append(cell)
             csv_rows.append(out_row)
-        path = directory / f"{stem}.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([columns[j] for j in keep])
-            writer.writerows(csv_rows)
-        destinations.append(str(path))
+        destinations.append(write_csv(directory / f"{stem}.csv", [columns[j] for j in keep], csv_rows))
     return destinations
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[Any], rows: Any) -> str:
+    """Write one CSV file (header, then rows) and return its path: the one CSV writer of the file loggers."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(header))
+        writer.writerows(rows)
+    return str(path)
 
 
 def _as_series(values: Any, name: str) -> list[float]:
@@ -424,9 +428,5 @@ def log_line_plot(
     for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([x_label, y_label])
-            writer.writerows(rows)
-        destinations.append(str(path))
+        destinations.append(write_csv(path, [x_label, y_label], rows))
     return destinations
