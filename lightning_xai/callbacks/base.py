@@ -350,16 +350,21 @@ class XAICallback(DataSources, MethodRunner, RunFiles, Callback):
                 f"{self.name}: the model input read from the batch is a {type(probe.inputs).__name__}, not a tensor; "
                 "pass input_key= to pick the tensor"
             )
-        if self.needs_gradients and not probe.inputs.is_floating_point():
+        if self.needs_gradients and not probe.inputs.is_floating_point() and not self.accepts_token_ids():
             raise ConfigurationError(
                 f"{self.name}: the inputs are {probe.inputs.dtype} but gradient-based explanations need floating "
-                "point inputs; convert them in the dataset (e.g. torchvision's ToDtype(torch.float32, scale=True))"
+                "point inputs; convert images in the dataset (e.g. torchvision's ToDtype(torch.float32, "
+                "scale=True)); for token ids use token methods (token_*, attention_rollout, attnlrp, ...)"
             )
         logits = self.eval_logits(pl_module, probe.inputs)
         if not torch.isfinite(logits).all():
             self.say_once("nonfinite-setup", "the model's output on the first probe sample is not finite")
         self.target.check(logits, probe.labels)
         return ValidationContext(probe, logits, dataset)
+
+    def accepts_token_ids(self) -> bool:
+        """Whether integer inputs (token ids) are fine: every method of the callback says it takes token ids."""
+        return False
 
     def validate(self, trainer: Any, pl_module: Any, context: ValidationContext) -> None:
         """Subclass checks at setup (layers exist, classes in range, data has what is needed); raise

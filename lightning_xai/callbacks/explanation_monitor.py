@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,14 @@ from lightning_xai.viz import (
     ScaleTracker,
     log_explanations,
     log_samples_table,
+    log_text,
     overlay,
     render_explanations,
     render_method_images,
     save_png,
     to_uint8_images,
 )
+from lightning_xai.viz.text import batch_to_html, decode_tokens, tokens_to_text
 
 __all__ = ["DEFAULT_ATTRIBUTORS", "ExplanationMonitor"]
 
@@ -58,6 +60,9 @@ class ExplanationMonitor(XAICallback):
         fixed_scale: scale each method's maps by a percentile frozen at the first logged run
             (:class:`~lightning_xai.viz.ScaleTracker`, kept in the checkpoint), so that brightness is comparable
             across epochs and drift shows as brightness; ``False`` scales each map by its own ``percentile``.
+        vocabulary: for token models (integer ``[B, T]`` inputs with token methods such as ``token_saliency`` or
+            ``attention_rollout``): the token names (a list, or a callable id -> str such as a tokenizer's
+            ``convert_ids_to_tokens``) the highlighted text shows; ``None`` shows the ids.
         per_method_images: also log one image per method (``<log_key>/explanations/<method>``), so that one method
             can be followed with the W&B step slider.
         **kwargs: the common callback arguments of :class:`~lightning_xai.callbacks.base.XAICallback`
@@ -91,6 +96,7 @@ class ExplanationMonitor(XAICallback):
         class_names: Sequence[str] | None = None,
         fixed_scale: bool = False,
         per_method_images: bool = True,
+        vocabulary: Sequence[str] | Callable[[int], str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
@@ -107,6 +113,7 @@ class ExplanationMonitor(XAICallback):
         if self.percentile == 0.0:
             raise ValueError(f"{self.name}: percentile must be in (0, 100], got {percentile}")
         self.class_names = None if class_names is None else list(class_names)
+        self.vocabulary = vocabulary
         self.per_method_images = check_bool("per_method_images", per_method_images, owner=self.name)
         self.fixed_scale = check_bool("fixed_scale", fixed_scale, owner=self.name)
         #: The frozen per-method scales (``fixed_scale=True``), resumable.
@@ -138,6 +145,9 @@ class ExplanationMonitor(XAICallback):
         return self.previous_maps
 
     # ------------------------------------------------------------------------------------------ setup
+    def accepts_token_ids(self) -> bool:
+        return all(bool(getattr(a, "accepts_token_ids", False)) for a in self.attributors.values())
+
     def validate(self, trainer: Any, pl_module: Any, context: ValidationContext) -> None:
         self.dry_run_methods(pl_module, context, self.attributors)
 
@@ -170,7 +180,10 @@ class ExplanationMonitor(XAICallback):
         self.last_drift = self._update_drift(maps)
         self.history.append(self.history_record(trainer, drift=dict(self.last_drift)))
         if trainer.is_global_zero and maps:
-            self._log(trainer, images, maps, labels, row_logits, ids)
+            if not images.is_floating_point() and images.ndim == 2:
+                self._log_tokens(trainer, images, maps, labels, row_logits, ids)
+            else:
+                self._log(trainer, images, maps, labels, row_logits, ids)
         return maps
 
     def _update_drift(self, maps: dict[str, Tensor]) -> dict[str, float]:
@@ -249,4 +262,36 @@ class ExplanationMonitor(XAICallback):
                 )
             except Exception as err:  # a table is a convenience; never lose the grid because of it
                 self.say_once("table", f"could not log the sample table: {err}")
+        self.last_outputs = outputs
+
+    def _log_tokens(
+        self,
+        trainer: Any,
+        token_ids: Tensor,
+        maps: dict[str, Tensor],
+        labels: Tensor | None,
+        logits: Tensor,
+        ids: Tensor | None,
+    ) -> None:
+        """Token models: one highlighted-text view per method (HTML for W&B, plain text with scores otherwise)."""
+        step = self.logger_step(trainer)
+        tokens = decode_tokens(token_ids, self.vocabulary)
+        preds = logits.argmax(1) if logits.ndim == 2 else None
+        captions = []
+        for i in range(token_ids.shape[0]):
+            parts = [f"#{int(ids[i]) if ids is not None else i}"]
+            if labels is not None:
+                parts.append(f"true {self.class_name(int(labels[i]))}")
+            if preds is not None:
+                prob = float(torch.softmax(logits[i].float(), 0).max())
+                mark = "" if labels is None or int(labels[i]) == int(preds[i]) else " (wrong)"
+                parts.append(f"pred {self.class_name(int(preds[i]))} ({prob:.2f}){mark}")
+            captions.append(", ".join(parts))
+        outputs: list[str] = []
+        for name, scores in maps.items():
+            scores = scores.reshape(scores.shape[0], -1)
+            html = batch_to_html(tokens, scores, captions=captions)
+            text = "\n".join(f"{c}: {tokens_to_text(t, s, top_k=5)}" for c, t, s in zip(captions, tokens, scores))
+            outputs += log_text(trainer.loggers, f"{self.log_key}/explanations/{name}", html=html, text=text,
+                                step=step, fallback_dir=self._dir(trainer) if not trainer.loggers else None)
         self.last_outputs = outputs

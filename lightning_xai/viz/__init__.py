@@ -10,6 +10,7 @@ from lightning_xai.viz.dashboard import (
     log_explanations,
     log_samples_table,
     log_scatter,
+    log_text,
 )
 from lightning_xai.viz.figures import render_curves
 from lightning_xai.viz.grid import ExplanationGrid, render_explanations, render_method_images
@@ -46,6 +47,7 @@ __all__ = [
     "log_samples_table",
     "log_scatter",
     "log_table",
+    "log_text",
     "logger_kind",
     "markdown_table",
     "normalize_attributions",

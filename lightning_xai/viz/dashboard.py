@@ -50,7 +50,15 @@ from lightning_xai.viz.logging import (
 )
 from lightning_xai.viz.render import save_png
 
-__all__ = ["flatten_config", "log_config", "log_curves", "log_explanations", "log_samples_table", "log_scatter"]
+__all__ = [
+    "flatten_config",
+    "log_config",
+    "log_curves",
+    "log_explanations",
+    "log_samples_table",
+    "log_scatter",
+    "log_text",
+]
 
 
 def _as_image(value: np.ndarray | ExplanationGrid, name: str) -> np.ndarray:
@@ -358,4 +366,41 @@ def log_scatter(
             chart = wandb.plot.scatter(table, x, y, title=title)
             logger.log_metrics({f"{key}_scatter": chart}, step=step)  # type: ignore[attr-defined]
             destinations.append(f"wandb:{key}_scatter")
+    return destinations
+
+
+def log_text(
+    loggers: Sequence[object] | None,
+    key: str,
+    *,
+    html: str,
+    text: str,
+    step: int,
+    fallback_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Log one rendered text explanation (e.g. highlighted tokens): W&B gets ``wandb.Html(html)``, TensorBoard
+    ``text`` in its Text tab, file loggers and the no-logger case an ``.html`` and a ``.txt`` file in their
+    directory or ``fallback_dir``. Call on rank zero only. Returns the destinations written."""
+    logger_list = _check_loggers(loggers)
+    _check_key(key)
+    _check_step(step)
+    destinations: list[str] = []
+    file_loggers: list[object] = []
+    for logger in logger_list:
+        kind = logger_kind(logger)
+        if kind == "wandb":
+            logger.log_metrics({key: _wandb().Html(html)}, step=int(step))  # type: ignore[attr-defined]
+            destinations.append(f"wandb:{key}")
+        elif kind == "tensorboard" and (writer := _tensorboard_text(logger)) is not None:
+            writer.add_text(key, text, int(step))
+            destinations.append(f"tensorboard:{key}")
+        else:
+            file_loggers.append(logger)
+    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = unique_stem(directory, f"{_file_stem(key)}_step{step}")
+        for ext, content in (("html", html), ("txt", text)):
+            path = directory / f"{stem}.{ext}"
+            path.write_text(content, encoding="utf-8")
+            destinations.append(str(path))
     return destinations
