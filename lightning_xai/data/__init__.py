@@ -13,6 +13,7 @@ from lightning_xai.data.concepts import (
 )
 from lightning_xai.data.digits import DigitsDataModule
 from lightning_xai.data.groundtruth import GroundTruthDataModule, GroundTruthShapes
+from lightning_xai.data.tokens import PlantedTokens, PlantedTokensDataModule, patch_masks
 
 __all__ = [
     "CONCEPT_CATEGORIES",
@@ -28,6 +29,9 @@ __all__ = [
     "GroundTruthDataModule",
     "GroundTruthShapes",
     "InMemoryDataModule",
+    "PlantedTokens",
+    "PlantedTokensDataModule",
     "class_from_concepts",
     "derive_seeds",
+    "patch_masks",
 ]

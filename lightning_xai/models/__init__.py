@@ -17,6 +17,7 @@ from lightning_xai.models.net2vec import ConceptMaskDataModule, Net2Vec
 from lightning_xai.models.probes import ConceptProbes
 from lightning_xai.models.protopnet import ProtoPNet
 from lightning_xai.models.sae import ReLUSAEConfig, SparseAutoencoder, TiedSAEConfig, TopKSAEConfig
+from lightning_xai.models.transformers import TextClassifier, TextTransformer, ViTClassifier, vit_tiny
 
 __all__ = [
     "BACKBONES",
@@ -40,11 +41,15 @@ __all__ = [
     "ReLUSAEConfig",
     "SmallCNN",
     "SparseAutoencoder",
+    "TextClassifier",
+    "TextTransformer",
     "TiedSAEConfig",
     "TopKSAEConfig",
     "VGGSmall",
+    "ViTClassifier",
     "XAIModule",
     "build_backbone",
     "log_intervention_curve",
     "replace_batchnorm",
+    "vit_tiny",
 ]

@@ -26,6 +26,7 @@ from lightning_xai.viz.render import (
     to_uint8_images,
     upscale_nearest,
 )
+from lightning_xai.viz.text import batch_to_html, decode_tokens, tokens_to_html, tokens_to_text
 from lightning_xai.viz.tiles import MARK_CONSTANT, MARK_FAILED, MARK_NONFINITE, MARK_ZERO, ScaleTracker
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
     "MARK_ZERO",
     "ExplanationGrid",
     "ScaleTracker",
+    "batch_to_html",
     "colorize",
+    "decode_tokens",
     "explanation_grid",
     "flatten_config",
     "is_signed",
@@ -58,5 +61,7 @@ __all__ = [
     "save_png",
     "tile_images",
     "to_uint8_images",
+    "tokens_to_html",
+    "tokens_to_text",
     "upscale_nearest",
 ]
