@@ -222,7 +222,9 @@ class ThreadGroup:
 
     ``ThreadGroup(2).run(fn)`` calls ``fn(reducer)`` on two threads, each with its own :class:`Reducer` whose
     collectives really exchange the ranks' tensors, and returns the per-rank results in rank order (the first
-    exception of any rank is re-raised). Used to test distributed code paths without spawning processes.
+    exception of any rank is re-raised). Used to test distributed code paths without spawning processes. Give
+    each rank its own model replica (``copy.deepcopy``), as each DDP process has: forward hooks are per module, so
+    two threads capturing on one shared model would record each other's activations.
     """
 
     def __init__(self, world_size: int) -> None:

@@ -3,6 +3,8 @@ sharded collection equals the single-process one, class filtering, the callback 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -96,7 +98,9 @@ def test_sharded_collection_over_two_ranks_equals_one_process():
     data = planted_images(7)
     atlas = ActivationAtlas("features", grid_size=4, positions_per_image=3, method="pca", render_icons=False)
     single = atlas(model, data)
-    results = ThreadGroup(2).run(lambda reducer: atlas(model, data, reducer=reducer))
+    # each simulated rank holds its own replica, as each DDP process does (forward hooks are per module: two threads
+    # capturing on one shared model would record each other's activations)
+    results = ThreadGroup(2).run(lambda reducer: atlas(copy.deepcopy(model), data, reducer=reducer))
     for r in results:
         torch.testing.assert_close(r.vectors, single.vectors)
         assert r.image_index.tolist() == single.image_index.tolist()
@@ -105,7 +109,7 @@ def test_sharded_collection_over_two_ranks_equals_one_process():
     limited = ActivationAtlas("features", grid_size=4, positions_per_image=3, method="pca", render_icons=False,
                               max_samples=5)
     one = limited(model, data)
-    two = ThreadGroup(2).run(lambda reducer: limited(model, data, reducer=reducer))
+    two = ThreadGroup(2).run(lambda reducer: limited(copy.deepcopy(model), data, reducer=reducer))
     assert sorted(set(one.image_index.tolist())) == [0, 1, 2, 3, 4]
     assert two[0].image_index.tolist() == one.image_index.tolist()
 
