@@ -60,3 +60,13 @@ def test_fixed_batch_and_bad_arguments():
         ProbeSet(0)
     with pytest.raises(ValueError, match="empty"):
         ProbeSet(2).select(TensorDataset(torch.zeros(0, 1)))
+
+
+def test_a_given_batch_names_its_samples_by_position_whatever_the_sharding():
+    """Sample ids name samples in messages and tables and seed per-sample noise: for a given batch they are the
+    positions in it (not a placeholder shared by every sample), the same on one rank or two."""
+    probe = ProbeSet(5)
+    probe.set_batch((torch.randn(5, 1, 2, 2), torch.arange(5)))
+    assert probe.load_shard(None).sample_ids.tolist() == [0, 1, 2, 3, 4]
+    shards = [probe.load_shard(None, 2, r) for r in range(2)]
+    assert [s.sample_ids[: s.num_real].tolist() for s in shards] == [[0, 1, 2], [3, 4]]

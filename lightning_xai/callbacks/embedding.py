@@ -127,7 +127,7 @@ class EmbeddingProjector(XAICallback):
         n = probe.num_real
         finite = torch.isfinite(feats).all(dim=1) & torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
         if n and not bool(finite[:n].all()):
-            bad = probe_sample_names(probe, ~finite[:n], self.probe.size, trainer)
+            bad = probe_sample_names(probe, ~finite[:n])
             self.say_once(
                 f"nonfinite-{bad}",
                 f"NaN or inf logits or features for probe sample(s) {bad}; they are left out of the map",
@@ -142,9 +142,7 @@ class EmbeddingProjector(XAICallback):
         labels = self.gather(labels.long().to(device), total)
         preds = self.gather(preds.to(device), total)
         finite = self.gather(finite.to(device, torch.long), total).bool()
-        ids = self.gather(probe.sample_ids.to(device), total) if probe.sample_ids is not None else None
-        if ids is None or bool((ids < 0).any()):  # a given probe_batch: its positions
-            ids = torch.arange(total)
+        ids = self.gather(probe.sample_ids.to(device), total) if probe.sample_ids is not None else torch.arange(total)
 
         def project() -> float:
             if not trainer.is_global_zero:

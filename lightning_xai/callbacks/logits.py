@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from lightning_xai.batch import OutputReader
 from lightning_xai.callbacks.base import ConfigurationError
 from lightning_xai.callbacks.probe import ProbeBatch
-from lightning_xai.distributed import shard_bounds
 
 __all__ = ["check_class_logits", "probe_sample_names", "recording_outputs"]
 
@@ -53,12 +52,10 @@ def recording_outputs(model: nn.Module, reader: OutputReader) -> Iterator[list[T
         handle.remove()
 
 
-def probe_sample_names(probe: ProbeBatch, bad: Tensor, total: int, trainer: Any) -> list[int]:
-    """How to name this rank's real probe rows ``bad`` (a mask) in a message: their dataset indices, or their
-    positions in a given ``probe_batch`` (which has no dataset indices) of ``total`` samples."""
+def probe_sample_names(probe: ProbeBatch, bad: Tensor) -> list[int]:
+    """How to name this rank's real probe rows ``bad`` (a mask) in a message: their sample ids (dataset indices,
+    or positions in a given ``probe_batch``)."""
     rows = bad.nonzero().reshape(-1).cpu()
-    ids = probe.sample_ids
-    if ids is not None and bool((ids[: bad.shape[0]] >= 0).all()):
-        return ids.cpu()[rows].tolist()
-    start, _, _ = shard_bounds(total, trainer.world_size, trainer.global_rank)
-    return (rows + start).tolist()
+    if probe.sample_ids is None:
+        return rows.tolist()
+    return probe.sample_ids.cpu()[rows].tolist()

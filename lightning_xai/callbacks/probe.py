@@ -43,7 +43,8 @@ class ProbeBatch:
     masks: Tensor | None
     #: Number of real (not padding) samples at the front of this shard.
     num_real: int
-    #: Dataset indices of the samples (``-1`` for a user-given batch), e.g. to seed per-sample randomness.
+    #: Identities of the samples that do not depend on the sharding - dataset indices, or positions in a
+    #: user-given ``probe_batch`` - used to name samples in messages and tables and to seed per-sample randomness.
     sample_ids: Tensor | None = None
 
     def to(self, device: torch.device) -> ProbeBatch:
@@ -127,7 +128,7 @@ class ProbeSet:
         if self._fixed is not None:
             x, y, m = self._fixed
             idx = torch.tensor(positions, dtype=torch.long)
-            ids = torch.full((len(positions),), -1, dtype=torch.long)
+            ids = idx.clone()  # a given batch has no dataset indices: its samples are named by their positions
             return ProbeBatch(x[idx], None if y is None else y[idx], _spatial_masks(None if m is None else m[idx], x),
                               len(positions), ids)
         items = [split_sample(dataset[self.indices[p]], self.reader) for p in positions]

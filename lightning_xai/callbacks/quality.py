@@ -112,7 +112,8 @@ class ExplanationQuality(XAICallback):
     **DDP**: every rank draws the same probe indices, explains its own contiguous shard and updates its metric
     objects; ``compute()`` gathers the per-sample values across ranks (torchmetrics), so the logged mean and
     standard error are those of the whole probe set on every rank. Random metrics are seeded by the samples'
-    dataset indices where their ``update`` accepts ``sample_ids``, so results do not depend on the sharding.
+    identities (dataset indices, or positions in a given ``probe_batch``) where their ``update`` accepts
+    ``sample_ids``, so results do not depend on the sharding.
 
     Args:
         attributors: attributors, registered names or ``{"name": ..., **kwargs}`` dicts.
@@ -253,8 +254,6 @@ class ExplanationQuality(XAICallback):
         inputs = probe.inputs[rows]
         masks = None if probe.masks is None else probe.masks[rows]
         ids = None if probe.sample_ids is None else probe.sample_ids[rows]
-        if ids is not None and bool((ids < 0).any()):
-            ids = None  # a user-given probe batch has no dataset indices
         curves_ok = log and self.log_curves and self.agree(n > 0)
         values: dict[str, float] = {}
         sems: dict[str, float] = {}

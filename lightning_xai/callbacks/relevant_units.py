@@ -172,7 +172,7 @@ class RelevantUnits(XAICallback):
         n = probe.num_real
         finite = torch.isfinite(feats).all(dim=1) & torch.isfinite(logits).all(dim=1)
         if n and not bool(finite[:n].all()):
-            bad = probe_sample_names(probe, ~finite[:n], self.probe.size, trainer)
+            bad = probe_sample_names(probe, ~finite[:n])
             self.say_once(
                 f"nonfinite-{bad}",
                 f"NaN or inf logits or unit features for probe sample(s) {bad}; they are left out of the lasso and "

@@ -338,7 +338,6 @@ class TCAVScores(XAICallback):
         totals = torch.zeros(len(classes), dtype=torch.long)
         nonfinite = torch.zeros(len(classes), dtype=torch.long)
         ids = None if probe.sample_ids is None else probe.sample_ids[:n].cpu()
-        ids = ids if ids is not None and bool((ids >= 0).all()) else None  # a given probe_batch has no indices
         finite = self.finite_rows(logits, ids)
         finite &= torch.isfinite(sens).all(dim=1)
         for i, k in enumerate(classes):
