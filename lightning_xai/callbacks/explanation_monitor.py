@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,14 +225,8 @@ class ExplanationMonitor(XAICallback):
         per_method = render_method_images(images, maps, **render) if self.per_method_images else {}
         outputs = list(log_explanations(trainer.loggers, self.log_key, grid, per_method, step=step))
         if self.png_dir != "":
-            if self.png_dir is None:
-                path = self.output_path(trainer, f"{self.log_key}_explanations")
-            else:
-                os.makedirs(self.png_dir, exist_ok=True)
-                stem = f"{self.log_key.replace('/', '_')}_{self.stage(trainer)}_epoch{epoch:03d}_step{step:06d}"
-                path, i = os.path.join(self.png_dir, f"{stem}.png"), 2
-                while os.path.exists(path):
-                    path, i = os.path.join(self.png_dir, f"{stem}_{i}.png"), i + 1
+            name = f"{self.log_key}_explanations" if self.png_dir is None else self.log_key
+            path = self.output_path(trainer, name, folder=self.png_dir)
             save_png(grid.image, path)
             outputs.append(path)
         preds = logits.argmax(1) if logits.ndim == 2 else None

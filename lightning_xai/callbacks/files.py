@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lightning_xai.viz.logging import unique_stem
+
 __all__ = ["RunFiles"]
 
 
@@ -25,17 +27,14 @@ class RunFiles:
     def _dir(self, trainer: Any) -> str:
         return self.output_dir or os.path.join(trainer.default_root_dir, "xai")
 
-    def output_path(self, trainer: Any, name: str, ext: str = "png") -> str:
-        """A new file path ``<output_dir>/<callback>/<name>_<stage>_epoch<e>_step<s>.<ext>`` (never an existing
+    def output_path(self, trainer: Any, name: str, ext: str = "png", folder: str | None = None) -> str:
+        """A new file path ``<folder>/<name>_<stage>_epoch<e>_step<s>.<ext>`` (``folder`` defaults to
+        ``<output_dir>/<callback>``; the step is the loggers' step, so files match the dashboard; never an existing
         file: a suffix is added)."""
-        folder = os.path.join(self._dir(trainer), self.name.lower())
+        folder = folder or os.path.join(self._dir(trainer), self.name.lower())
         os.makedirs(folder, exist_ok=True)
-        when = f"{self.stage(trainer)}_epoch{trainer.current_epoch:03d}_step{trainer.global_step:06d}"
-        stem = f"{name.replace('/', '_')}_{when}"
-        path, i = os.path.join(folder, f"{stem}.{ext}"), 2
-        while os.path.exists(path):
-            path, i = os.path.join(folder, f"{stem}_{i}.{ext}"), i + 1
-        return path
+        when = f"{self.stage(trainer)}_epoch{trainer.current_epoch:03d}_step{self.logger_step(trainer):06d}"
+        return os.path.join(folder, f"{unique_stem(folder, name.replace('/', '_') + '_' + when)}.{ext}")
 
     @staticmethod
     def _spawned(trainer: Any) -> bool:
