@@ -14,7 +14,8 @@ that configures it. Pure torch: usable from a notebook, from attributors, metric
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import copy
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CONCEPT_KEYS",
     "INPUT_KEYS",
     "LABEL_KEYS",
     "MASK_KEYS",
@@ -41,6 +43,7 @@ Key = str | int | Callable[[Any], Any]
 INPUT_KEYS = ("image", "images", "pixel_values", "input", "inputs", "x", "input_ids", "data")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes")
 MASK_KEYS = ("mask", "masks", "evidence_mask", "segmentation", "gt_mask")
+CONCEPT_KEYS = ("concepts", "concept_labels", "concept")
 OUTPUT_KEYS = ("logits", "logit", "output", "outputs", "scores", "y_hat", "preds", "prediction")
 
 
@@ -85,6 +88,32 @@ def _find(batch: Any, keys: Sequence[str]) -> Any:
     return next((getattr(batch, k) for k in keys if getattr(batch, k, None) is not None), None)
 
 
+def _locate(batch: Any, keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` that :func:`_find` would read (``None`` if none is there)."""
+    if isinstance(batch, Mapping):
+        return next((k for k in keys if k in batch), None)
+    return next((k for k in keys if getattr(batch, k, None) is not None), None)
+
+
+def _replaced(batch: Any, key: str | int, value: Any) -> Any:
+    """A shallow copy of ``batch`` with the field ``key`` set to ``value`` (the container type kept)."""
+    if isinstance(batch, Mapping):
+        out = copy.copy(batch) if isinstance(batch, MutableMapping) else dict(batch)
+        out[key] = value
+        return out
+    if _is_sequence(batch) and isinstance(key, int):
+        items = list(batch)
+        items[key] = value
+        if isinstance(batch, tuple):
+            return type(batch)._make(items) if hasattr(type(batch), "_make") else tuple(items)  # namedtuples too
+        return items
+    if isinstance(key, str) and not isinstance(batch, Tensor) and hasattr(batch, "__dict__"):
+        out = copy.copy(batch)
+        setattr(out, key, value)
+        return out
+    raise TypeError(f"cannot set field {key!r} of {_describe(batch)}")
+
+
 def _is_sequence(value: object) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
@@ -113,9 +142,16 @@ class BatchReader:
         mask_key: where ground-truth masks are; ``None``: a tuple's third element when it is a tensor, else the
             first of :data:`MASK_KEYS`.
         owner: who reads (named in error messages, e.g. the callback's class name).
+        concept_key: where concept labels are (read by :meth:`concepts` only, never by :meth:`read`); ``None``: a
+            tuple's third element - the layout of :class:`~lightning_xai.data.concepts.ConceptDataModule`'s
+            ``(images, labels, concept_labels)`` batches; datasets with evidence masks put their masks there, and
+            each reader reads the third element as what it asks for - else the first of :data:`CONCEPT_KEYS`.
 
     Each key is a dict key or attribute name (``"pixel_values"``), a tuple position (``0``) or a callable
-    ``batch -> value``.
+    ``batch -> value``. :meth:`labels` and :meth:`concepts` take ``required=True`` for readers that cannot do
+    without them: a batch without them then raises a :class:`ValueError` naming the owner, what is missing, what
+    the batch holds and the argument to pass. :meth:`with_inputs` writes a new input back where :meth:`inputs`
+    reads it (for methods that transform the input and then run a model's own step on it).
     """
 
     def __init__(
@@ -125,8 +161,10 @@ class BatchReader:
         mask_key: Key | None = None,
         *,
         owner: str | None = None,
+        concept_key: Key | None = None,
     ) -> None:
-        for name, key in (("input_key", input_key), ("label_key", label_key), ("mask_key", mask_key)):
+        keys = {"input_key": input_key, "label_key": label_key, "mask_key": mask_key, "concept_key": concept_key}
+        for name, key in keys.items():
             if not _valid_key(key):
                 raise ValueError(
                     f"{owner + ': ' if owner else ''}{name} must be a key (str), a position (int), a callable "
@@ -135,6 +173,7 @@ class BatchReader:
         self.input_key = input_key
         self.label_key = label_key
         self.mask_key = mask_key
+        self.concept_key = concept_key
         self.owner = owner
 
     def _where(self) -> str:
@@ -173,10 +212,58 @@ class BatchReader:
             )
         return found
 
-    def labels(self, batch: Any) -> Tensor | None:
+    def labels(self, batch: Any, *, required: bool = False) -> Tensor | None:
+        """The labels (``None`` where absent; with ``required=True`` a batch without labels raises)."""
         if self.label_key is not None:
             return _as_tensor(self._explicit(batch, "label_key", self.label_key))
-        return _as_tensor(self._default(batch, position=1, keys=LABEL_KEYS))
+        value = _as_tensor(self._default(batch, position=1, keys=LABEL_KEYS))
+        if value is None and required:
+            raise self._missing(batch, "labels", "label_key", position=1, keys=LABEL_KEYS)
+        return value
+
+    def concepts(self, batch: Any, *, required: bool = False) -> Tensor | None:
+        """The concept labels (e.g. float 0/1 ``[B, k]``) at ``concept_key`` (``None`` where absent; with
+        ``required=True`` a batch without them raises)."""
+        if self.concept_key is not None:
+            return _as_tensor(self._explicit(batch, "concept_key", self.concept_key))
+        value = _as_tensor(self._default(batch, position=2, keys=CONCEPT_KEYS))
+        if value is None and required:
+            raise self._missing(batch, "concept labels", "concept_key", position=2, keys=CONCEPT_KEYS)
+        return value
+
+    def with_inputs(self, batch: Any, inputs: Any) -> Any:
+        """A shallow copy of ``batch`` whose input - the field :meth:`inputs` reads - is ``inputs`` (the container
+        type kept: a tuple, a list, a namedtuple, a dict, an object with attributes; a tensor batch is replaced)."""
+        key = self.input_key
+        if key is None:
+            if isinstance(batch, Tensor):
+                return inputs
+            self.inputs(batch)  # the same errors as reading: no input, not a container
+            key = 0 if _is_sequence(batch) else _locate(batch, INPUT_KEYS)
+        elif callable(key):
+            raise ValueError(
+                f"{self._where()}input_key={key!r} is a callable: it reads the input but cannot write one back; "
+                "pass input_key= as a key or a position"
+            )
+        else:
+            self._explicit(batch, "input_key", key)
+        try:
+            return _replaced(batch, key, inputs)
+        except (TypeError, AttributeError) as err:
+            raise ValueError(f"{self._where()}cannot replace the input of {_describe(batch)}: {err}") from err
+
+    def _missing(self, batch: Any, what: str, argument: str, *, position: int, keys: Sequence[str]) -> ValueError:
+        """The error for a required field found nowhere by default."""
+        if isinstance(batch, Tensor):
+            where = "a bare tensor batch holds only the input"
+        elif _is_sequence(batch):
+            where = f"expected at position {position} of the tuple"
+        else:
+            where = f"none of the default keys {list(keys)} is there"
+        return ValueError(
+            f"{self._where()}the batch has no {what}: it is {_describe(batch)}; {where}: pass {argument}= (a key, "
+            "a position or a callable)"
+        )
 
     def masks(self, batch: Any) -> Tensor | None:
         if self.mask_key is not None:
@@ -195,7 +282,9 @@ class BatchReader:
         return _find(batch, keys)
 
     def __repr__(self) -> str:
-        return f"BatchReader(input_key={self.input_key!r}, label_key={self.label_key!r}, mask_key={self.mask_key!r})"
+        concept = f", concept_key={self.concept_key!r}" if self.concept_key is not None else ""
+        return (f"BatchReader(input_key={self.input_key!r}, label_key={self.label_key!r}, "
+                f"mask_key={self.mask_key!r}{concept})")
 
 
 class OutputReader:

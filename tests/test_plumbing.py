@@ -150,6 +150,56 @@ def test_batch_reader_explicit_keys_and_clear_errors():
         BatchReader(input_key=1.5)  # type: ignore[arg-type]
 
 
+def test_batch_reader_concepts_and_required_fields():
+    x, y, c = torch.rand(2, 3), torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    reader = BatchReader(owner="ConceptBottleneckModel")
+    assert torch.equal(reader.concepts((x, y, c)), c)  # tuple: the third element
+    assert torch.equal(reader.concepts({"image": x, "label": y, "concepts": c}), c)
+    assert reader.concepts((x, y)) is None and reader.concepts(x) is None
+    assert reader.read((x, y, c)).masks is c  # concepts never change what read() gives
+    custom = BatchReader(input_key="img", label_key="cls", owner="ConceptBottleneckModel", concept_key="attrs")
+    assert torch.equal(custom.concepts({"img": x, "cls": y, "attrs": c.tolist()}), c)  # lists become tensors
+    assert "concept_key='attrs'" in repr(custom) and "concept_key" not in repr(reader)
+    with pytest.raises(ValueError, match=r"ConceptBottleneckModel: concept_key='attrs' is not in the batch "
+                                         r"\(a dict with fields \['img', 'cls'\]\)"):
+        custom.concepts({"img": x, "cls": y})
+    with pytest.raises(ValueError, match=r"ConceptBottleneckModel: the batch has no concept labels: it is a dict "
+                                         r"with fields \['image', 'label'\]; none of the default keys "
+                                         r"\['concepts', .*concept_key="):
+        reader.concepts({"image": x, "label": y}, required=True)
+    with pytest.raises(ValueError, match=r"no concept labels: .*position 2 of the tuple: pass concept_key="):
+        reader.concepts((x, y), required=True)
+    with pytest.raises(ValueError, match=r"the batch has no labels: .*bare tensor.*label_key="):
+        reader.labels(x, required=True)
+    with pytest.raises(ValueError, match="concept_key must be"):
+        BatchReader(concept_key=2.0)  # type: ignore[arg-type]
+
+
+def test_batch_reader_with_inputs_keeps_the_container():
+    x, y, new = torch.rand(2, 3), torch.tensor([0, 1]), torch.zeros(2, 3)
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "image label")
+    reader = BatchReader()
+    out = reader.with_inputs((x, y), new)
+    assert isinstance(out, tuple) and out[0] is new and out[1] is y
+    assert reader.with_inputs([x, y], new)[0] is new
+    pair = reader.with_inputs(Pair(x, y), new)
+    assert isinstance(pair, Pair) and pair.image is new
+    batch = {"pixel_values": x, "labels": y}
+    replaced = reader.with_inputs(batch, new)
+    assert replaced["pixel_values"] is new and batch["pixel_values"] is x  # a copy, the original untouched
+    assert reader.with_inputs(x, new) is new
+    obj = reader.with_inputs(_Batch(x, y), new)
+    assert obj.pixel_values is new and obj.labels is y
+    assert BatchReader(input_key="img").with_inputs({"img": x, "image": y}, new)["img"] is new
+    assert BatchReader(input_key=1).with_inputs((y, x), new)[1] is new
+    with pytest.raises(ValueError, match="is a callable: it reads the input but cannot write one back"):
+        BatchReader(input_key=lambda b: b["a"]).with_inputs({"a": x}, new)
+    with pytest.raises(ValueError, match=r"input_key='img' is not in the batch"):
+        BatchReader(input_key="img").with_inputs({"image": x}, new)
+
+
 def test_output_reader_and_outputs_as_logits():
     logits = torch.rand(2, 3)
     for output in (logits, (logits, None), {"logits": logits, "loss": None}, _HFOutput(logits)):
