@@ -187,7 +187,7 @@ def test_bad_arguments_raise_clear_errors(gap_cnn):
         ActivationSource(gap_cnn, "featurs")
     with pytest.raises(ValueError, match="unknown spatial mode"):
         ActivationSource(gap_cnn, "features", spatial="grid")
-    with pytest.raises(TypeError, match="normalize"):
+    with pytest.raises(ValueError, match="ActivationSource: normalize must be True or False, got 1"):
         ActivationSource(gap_cnn, "features", normalize=1)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ActivationSource("resnet", "features")

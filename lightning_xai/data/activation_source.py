@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, resolve_layer, stop_after_calls
-from lightning_xai.checks import check_int
+from lightning_xai.checks import check_bool, check_choice, check_int
 from lightning_xai.distributed import Reducer, default_reducer
 
 __all__ = [
@@ -43,16 +43,6 @@ CACHE_DTYPES = ("float32", "float16")
 
 
 CACHE_FORMAT = 1
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    return check_int(name, value, minimum=minimum)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -129,10 +119,9 @@ class ActivationSource(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if spatial not in SPATIAL_MODES:
-            raise ValueError(f"unknown spatial mode {spatial!r}; valid modes: {list(SPATIAL_MODES)}")
-        _check_bool("normalize", normalize)
-        _check_bool("stop_at_layer", stop_at_layer)
+        check_choice("spatial mode", spatial, SPATIAL_MODES, owner="ActivationSource")
+        check_bool("normalize", normalize, owner="ActivationSource")
+        check_bool("stop_at_layer", stop_at_layer, owner="ActivationSource")
         if weights is not None:
             load_weights(model, weights)
         self.layer, _ = resolve_layer(model, layer)
@@ -279,7 +268,7 @@ class ActivationSource(nn.Module):
 
         Every process must call it (the sums are all-reduced), so that all use the same scale.
         """
-        _check_int("max_batches", max_batches)
+        check_int("max_batches", max_batches, minimum=1, owner="ActivationSource.estimate_scale")
         norm_sum, count, dim = 0.0, 0, 0
         for i, batch in enumerate(batches):
             if i >= max_batches:

@@ -56,14 +56,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from lightning_xai.checks import check_bool, check_int
 from lightning_xai.data.activation_source import (
     CACHE_DTYPES,
     CACHE_FORMAT,
     SPATIAL_MODES,
     ActivationBatch,
     ActivationSource,
-    _check_bool,
-    _check_int,
     _images_of,
     _model_device,
     as_activation_batch,
@@ -180,8 +179,9 @@ class CachedActivationBatches(IterableDataset):
     def __init__(self, path: str | os.PathLike, rows_per_epoch: int, batch_size: int, shuffle: bool, seed: int = 0):
         super().__init__()
         self.path = str(path)
-        self.rows_per_epoch = _check_int("rows_per_epoch", rows_per_epoch)
-        self.batch_size = _check_int("batch_size", batch_size)
+        owner = type(self).__name__
+        self.rows_per_epoch = check_int("rows_per_epoch", rows_per_epoch, minimum=1, owner=owner)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
@@ -259,11 +259,11 @@ class ActivationDataModule(pl.LightningDataModule):
             raise TypeError(f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}")
         if cache_dir is not None and not isinstance(cache_dir, str | os.PathLike):
             raise TypeError(f"cache_dir must be a folder path or None, got {type(cache_dir).__name__}")
-        _check_int("batch_size", batch_size)
-        _check_int("scale_batches", scale_batches)
-        _check_bool("shuffle", shuffle)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        owner = type(self).__name__
+        check_int("batch_size", batch_size, minimum=1, owner=owner)
+        check_int("scale_batches", scale_batches, minimum=1, owner=owner)
+        check_bool("shuffle", shuffle, owner=owner)
+        check_int("seed", seed, owner=owner)
         self.source = ActivationSource(model, layer, spatial, normalize, weights, stop_at_layer)
         self.datamodule = datamodule
         self.cache = None if cache_dir is None else ActivationCache(cache_dir, cache_dtype)

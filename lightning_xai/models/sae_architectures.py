@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.checks import check_float, check_int
+from lightning_xai.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = [
     "B_DEC_INITS",
@@ -40,14 +40,6 @@ __all__ = [
 B_DEC_INITS = ("mean", "zeros")
 
 
-def _int(name: str, value: object, minimum: int = 1) -> int:
-    return check_int(name, value, minimum=minimum)
-
-
-def _number(name: str, value: object, minimum: float = 0.0) -> float:
-    return check_float(name, value, minimum=minimum)
-
-
 @dataclass
 class SAEConfig:
     """Shared hyper-parameters (validated on construction).
@@ -67,11 +59,10 @@ class SAEConfig:
     dead_window: int = 100_000
 
     def __post_init__(self) -> None:
-        _int("d_in", self.d_in)
-        _int("d_sae", self.d_sae)
-        if self.init_b_dec not in B_DEC_INITS:
-            raise ValueError(f"unknown init_b_dec {self.init_b_dec!r}; valid values: {list(B_DEC_INITS)}")
-        _int("dead_window", self.dead_window)
+        check_int("d_in", self.d_in, minimum=1, owner=type(self).__name__)
+        check_int("d_sae", self.d_sae, minimum=1, owner=type(self).__name__)
+        check_choice("init_b_dec", self.init_b_dec, B_DEC_INITS, owner=type(self).__name__)
+        check_int("dead_window", self.dead_window, minimum=1, owner=type(self).__name__)
 
 
 @dataclass
@@ -98,13 +89,13 @@ class ReLUSAEConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _number("l1_coefficient", self.l1_coefficient)
-        _int("l1_warmup_steps", self.l1_warmup_steps, 0)
+        check_float("l1_coefficient", self.l1_coefficient, minimum=0.0, owner=type(self).__name__)
+        check_int("l1_warmup_steps", self.l1_warmup_steps, minimum=0, owner=type(self).__name__)
         if self.resample_every is not None:
-            _int("resample_every", self.resample_every)
-        _int("resample_max", self.resample_max, 0)
-        _int("resample_pool", self.resample_pool)
-        _number("resample_encoder_scale", self.resample_encoder_scale)
+            check_int("resample_every", self.resample_every, minimum=1, owner=type(self).__name__)
+        check_int("resample_max", self.resample_max, minimum=0, owner=type(self).__name__)
+        check_int("resample_pool", self.resample_pool, minimum=1, owner=type(self).__name__)
+        check_float("resample_encoder_scale", self.resample_encoder_scale, minimum=0.0, owner=type(self).__name__)
 
 
 @dataclass
@@ -122,8 +113,8 @@ class TiedSAEConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _number("l1_coefficient", self.l1_coefficient)
-        _int("l1_warmup_steps", self.l1_warmup_steps, 0)
+        check_float("l1_coefficient", self.l1_coefficient, minimum=0.0, owner=type(self).__name__)
+        check_int("l1_warmup_steps", self.l1_warmup_steps, minimum=0, owner=type(self).__name__)
 
 
 @dataclass
@@ -147,16 +138,15 @@ class TopKSAEConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _int("k", self.k)
+        check_int("k", self.k, minimum=1, owner=type(self).__name__)
         if self.k > self.d_sae:
             raise ValueError(
                 f"k = {self.k} active latents is more than the d_sae = {self.d_sae} latents; use k <= d_sae"
             )
         if self.aux_k is not None:
-            _int("aux_k", self.aux_k)
-        _number("aux_coefficient", self.aux_coefficient)
-        if not isinstance(self.post_relu, bool):
-            raise TypeError(f"post_relu must be True or False, got {self.post_relu!r}")
+            check_int("aux_k", self.aux_k, minimum=1, owner=type(self).__name__)
+        check_float("aux_coefficient", self.aux_coefficient, minimum=0.0, owner=type(self).__name__)
+        check_bool("post_relu", self.post_relu, owner=type(self).__name__)
 
     @property
     def effective_aux_k(self) -> int:
@@ -289,11 +279,11 @@ class _L1Mixin:
         return SAEOutput(x_hat, f, mse + coefficient * l1, losses, metrics)
 
 
-class ReLUSAE(_L1Mixin, SparseAutoencoderBase):
-    """ReLU SAE with untied weights (see the module docstring). Parameters ``W_enc [d_in, d_sae]``, ``b_enc``,
-    ``W_dec [d_sae, d_in]`` (unit rows), ``b_dec``."""
+class _UntiedSAE(SparseAutoencoderBase):
+    """Untied weights: ``W_enc [d_in, d_sae]`` starts as ``W_dec^T``, ``W_dec [d_sae, d_in]`` with random unit
+    rows (Gao et al.'s initialisation)."""
 
-    def __init__(self, config: ReLUSAEConfig) -> None:
+    def __init__(self, config: SAEConfig) -> None:
         super().__init__(config)
         w = _random_unit_rows(config.d_sae, config.d_in)
         self.W_dec = nn.Parameter(w)
@@ -305,6 +295,11 @@ class ReLUSAE(_L1Mixin, SparseAutoencoderBase):
 
     def encoder_matrix(self) -> Tensor:
         return self.W_enc
+
+
+class ReLUSAE(_L1Mixin, _UntiedSAE):
+    """ReLU SAE with untied weights (see the module docstring). Parameters ``W_enc [d_in, d_sae]``, ``b_enc``,
+    ``W_dec [d_sae, d_in]`` (unit rows), ``b_dec``."""
 
     def training_forward(self, x: Tensor, *, step: int = 0, dead: Tensor | None = None) -> SAEOutput:
         return self._l1_forward(x, step)
@@ -336,23 +331,10 @@ class TiedSAE(_L1Mixin, SparseAutoencoderBase):
         return self._l1_forward(x, step)
 
 
-class TopKSAE(SparseAutoencoderBase):
+class TopKSAE(_UntiedSAE):
     """TopK SAE with the AuxK loss (see the module docstring); parameters as :class:`ReLUSAE`."""
 
     config: TopKSAEConfig
-
-    def __init__(self, config: TopKSAEConfig) -> None:
-        super().__init__(config)
-        w = _random_unit_rows(config.d_sae, config.d_in)
-        self.W_dec = nn.Parameter(w)
-        self.W_enc = nn.Parameter(w.t().clone())
-
-    @property
-    def decoder_weight(self) -> Tensor:
-        return self.W_dec
-
-    def encoder_matrix(self) -> Tensor:
-        return self.W_enc
 
     def _keep_top(self, pre: Tensor, k: int) -> Tensor:
         values, index = pre.topk(k, dim=-1, sorted=False)
