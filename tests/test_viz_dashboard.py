@@ -24,6 +24,7 @@ from lightning_xai.viz.dashboard import (
     log_explanations,
     log_samples_table,
     log_scatter,
+    log_text,
 )
 from lightning_xai.viz.grid import render_explanations, render_method_images
 from lightning_xai.viz.logging import log_image, log_line_plot, log_table, logger_kind, markdown_table
@@ -217,13 +218,17 @@ def test_dummy_logger_and_no_logger_write_to_fallback_silently(tmp_path, loggers
         written += log_curves(logger_list, "xai/c", [0, 1], {"a": [0, 1]}, step=1, fallback_dir=fallback)
         written += log_image(logger_list, "xai/x", _image(2), step=1, fallback_dir=fallback)
         written += log_config(logger_list, "xai/M", {"a": 1}, fallback_dir=fallback)
+        written += log_line_plot(logger_list, "xai/l", [0, 1], [1.0, 0.5], step=1, fallback_dir=fallback)
+        written += log_text(logger_list, "xai/t", html="<b>a</b>", text="a", step=1, fallback_dir=fallback)
         # without a fallback folder: nothing is written, and nothing is said
         assert log_image(logger_list, "xai/x", _image(2), step=1) == []
         assert log_table(logger_list, "t", ["a"], [[1]], step=1) == []
+        assert log_text(logger_list, "xai/t", html="<b>a</b>", text="a", step=1) == []
     names = sorted(os.listdir(fallback))
     assert names == sorted([
         "xai_explanations_step1.png", "xai_explanations_saliency_step1.png", "xai_explanations_gradcam_step1.png",
         "xai_samples_step1.csv", "xai_c_step1.csv", "xai_x_step1.png", "xai_M_config.csv",
+        "xai_l_step1.csv", "xai_t_step1.html", "xai_t_step1.txt",
     ])
     assert all(os.path.dirname(p) == str(fallback) for p in written)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,17 +36,17 @@ from lightning_xai.viz.logging import (
     _check_key,
     _check_loggers,
     _check_step,
-    _file_dirs,
     _file_stem,
-    _has_real_logger,
-    _tensorboard_text,
-    _tensorboard_writer,
+    _tensorboard_image,
     _wandb,
     _wandb_image,
+    csv_path,
     log_table,
     logger_kind,
     markdown_table,
+    route,
     unique_stem,
+    wandb_log,
     write_csv,
 )
 from lightning_xai.viz.render import save_png
@@ -106,32 +107,29 @@ def log_explanations(
         _check_key(method)
         images[f"{prefix}/explanations/{method}"] = _as_image(value, f"method_images[{method!r}]")
     scalars = _finite_metrics(metrics)
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            payload: dict[str, Any] = {k: _wandb_image(v, caption) for k, v in images.items()}
-            payload.update(scalars)
-            logger.log_metrics(payload, step=step)  # type: ignore[attr-defined]
-            destinations += [f"wandb:{k}" for k in payload]
-        elif kind == "tensorboard":
-            writer = _tensorboard_writer(logger)
-            for key, image in images.items():
-                writer.add_image(key, image, step, dataformats="HWC")
+    def to_wandb(logger: object) -> list[str]:
+        payload: dict[str, Any] = {k: _wandb_image(v, caption) for k, v in images.items()}
+        payload.update(scalars)
+        return wandb_log(logger, payload, step)
+
+    def to_tensorboard(writer: Any) -> list[str]:
+        destinations = [d for key, image in images.items() for d in _tensorboard_image(writer, key, image, step)]
+        if scalars and callable(getattr(writer, "add_scalar", None)):
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, step)
                 destinations.append(f"tensorboard:{key}")
-            if scalars and callable(getattr(writer, "add_scalar", None)):
-                for key, value in scalars.items():
-                    writer.add_scalar(key, value, step)
-                    destinations.append(f"tensorboard:{key}")
-        elif kind == "file":
-            file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, prefix):
-        for key, image in images.items():
-            path = save_png(image, directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.png",
-                            caption=caption)
-            destinations.append(str(path))
-    return destinations
+        return destinations
+
+    def to_files(directory: Path) -> list[str]:
+        return [
+            str(save_png(image, directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.png",
+                         caption=caption))
+            for key, image in images.items()
+        ]
+
+    return route(
+        logger_list, prefix, wandb=to_wandb, tensorboard=to_tensorboard, files=to_files, fallback_dir=fallback_dir
+    )
 
 
 def _class_name(index: int | None, class_names: Sequence[str] | None) -> str:
@@ -252,24 +250,30 @@ def log_config(
     if not isinstance(config, Mapping):
         raise TypeError(f"log_config: config must be a mapping of setting -> value, got {type(config).__name__}")
     flat = flatten_config(config, prefix.rstrip("/"))
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            logger.experiment.config.update(flat, allow_val_change=True)  # type: ignore[attr-defined]
-            destinations.append(f"wandb:config:{prefix}")
-        elif kind == "tensorboard" and (writer := _tensorboard_text(logger)) is not None:
-            rows = [[k, str(v)] for k, v in flat.items()]
-            writer.add_text(f"{prefix.rstrip('/')}/config", markdown_table(["setting", "value"], rows), 0)
-            destinations.append(f"tensorboard:{prefix.rstrip('/')}/config")
-        elif kind in ("file", "tensorboard"):
-            file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, prefix):
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{_file_stem(prefix.rstrip('/'))}_config.csv"
-        destinations.append(write_csv(path, ["key", "value"], ([k, v] for k, v in flat.items())))
-    return destinations
+    name = prefix.rstrip("/")
+
+    def to_wandb(logger: object) -> list[str]:
+        logger.experiment.config.update(flat, allow_val_change=True)  # type: ignore[attr-defined]
+        return [f"wandb:config:{prefix}"]
+
+    def to_tensorboard(writer: Any) -> list[str]:
+        rows = [[k, str(v)] for k, v in flat.items()]
+        writer.add_text(f"{name}/config", markdown_table(["setting", "value"], rows), 0)
+        return [f"tensorboard:{name}/config"]
+
+    def to_files(directory: Path) -> list[str]:
+        path = directory / f"{_file_stem(name)}_config.csv"
+        return [write_csv(path, ["key", "value"], ([k, v] for k, v in flat.items()))]
+
+    return route(
+        logger_list,
+        prefix,
+        wandb=to_wandb,
+        tensorboard=to_tensorboard,
+        files=to_files,
+        fallback_dir=fallback_dir,
+        text=True,
+    )
 
 
 def log_curves(
@@ -308,37 +312,31 @@ def log_curves(
         raise ValueError(f"log_curves: {len(x_ticklabels)} x_ticklabels for {len(x)} points")
     if x_label == y_label or not x_label or not y_label:
         raise ValueError(f"x_label and y_label must be distinct non-empty strings, got {x_label!r} and {y_label!r}")
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            wandb = _wandb()
-            line_xs, line_ys = [], []
-            for values in ys.values():
-                keep = [i for i, v in enumerate(values) if math.isfinite(v)]
-                line_xs.append([x[i] for i in keep])
-                line_ys.append([values[i] for i in keep])
-            chart = wandb.plot.line_series(xs=line_xs, ys=line_ys, keys=list(ys), title=title, xname=x_label)
-            logger.log_metrics({key: chart}, step=step)  # type: ignore[attr-defined]
-            destinations.append(f"wandb:{key}")
-        elif kind == "tensorboard":
-            figure = render_curves(x, ys, title=title, x_label=x_label, y_label=y_label, x_ticklabels=x_ticklabels)
-            _tensorboard_writer(logger).add_image(key, figure, step, dataformats="HWC")
-            destinations.append(f"tensorboard:{key}")
-        elif kind == "file":
-            file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
+    def to_wandb(logger: object) -> list[str]:
+        line_xs, line_ys = [], []
+        for values in ys.values():
+            keep = [i for i, v in enumerate(values) if math.isfinite(v)]
+            line_xs.append([x[i] for i in keep])
+            line_ys.append([values[i] for i in keep])
+        chart = _wandb().plot.line_series(xs=line_xs, ys=line_ys, keys=list(ys), title=title, xname=x_label)
+        return wandb_log(logger, {key: chart}, step)
+
+    def to_tensorboard(writer: Any) -> list[str]:
+        figure = render_curves(x, ys, title=title, x_label=x_label, y_label=y_label, x_ticklabels=x_ticklabels)
+        return _tensorboard_image(writer, key, figure, step)
+
+    def to_files(directory: Path) -> list[str]:
         header = ["series", x_label, y_label] + ([f"{x_label} name"] if x_ticklabels is not None else [])
         rows = [
             [name, xv, yv if math.isfinite(yv) else "", *([x_ticklabels[i]] if x_ticklabels is not None else [])]
             for name, values in ys.items()
             for i, (xv, yv) in enumerate(zip(x, values))
         ]
-        destinations.append(write_csv(path, header, rows))
-    return destinations
+        return [write_csv(csv_path(directory, key, step), header, rows)]
+
+    return route(
+        logger_list, key, wandb=to_wandb, tensorboard=to_tensorboard, files=to_files, fallback_dir=fallback_dir
+    )
 
 
 def log_scatter(
@@ -384,23 +382,27 @@ def log_text(
     logger_list = _check_loggers(loggers)
     _check_key(key)
     _check_step(step)
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            logger.log_metrics({key: _wandb().Html(html)}, step=int(step))  # type: ignore[attr-defined]
-            destinations.append(f"wandb:{key}")
-        elif kind == "tensorboard" and (writer := _tensorboard_text(logger)) is not None:
-            writer.add_text(key, text, int(step))
-            destinations.append(f"tensorboard:{key}")
-        else:
-            file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
-        directory.mkdir(parents=True, exist_ok=True)
+    step = int(step)
+
+    def to_tensorboard(writer: Any) -> list[str]:
+        writer.add_text(key, text, step)
+        return [f"tensorboard:{key}"]
+
+    def to_files(directory: Path) -> list[str]:
         stem = unique_stem(directory, f"{_file_stem(key)}_step{step}")
+        written = []
         for ext, content in (("html", html), ("txt", text)):
             path = directory / f"{stem}.{ext}"
             path.write_text(content, encoding="utf-8")
-            destinations.append(str(path))
-    return destinations
+            written.append(str(path))
+        return written
+
+    return route(
+        logger_list,
+        key,
+        wandb=lambda logger: wandb_log(logger, {key: _wandb().Html(html)}, step),
+        tensorboard=to_tensorboard,
+        files=to_files,
+        fallback_dir=fallback_dir,
+        text=True,
+    )

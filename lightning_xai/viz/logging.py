@@ -35,7 +35,7 @@ import glob
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +189,62 @@ def _tensorboard_writer(logger: object) -> Any:
     return logger.experiment  # type: ignore[attr-defined]
 
 
+def _tensorboard_text(logger: object) -> Any:
+    """The logger's writer when it can take text (``add_text``), else ``None``."""
+    writer = _tensorboard_writer(logger)
+    return writer if callable(getattr(writer, "add_text", None)) else None
+
+
+def _writer_for(logger: object, text: bool) -> Any:
+    """A TensorBoard logger's writer; with ``text``, ``None`` when that writer cannot take text."""
+    return _tensorboard_text(logger) if text else _tensorboard_writer(logger)
+
+
+def _tensorboard_image(writer: Any, key: str, image: np.ndarray, step: int) -> list[str]:
+    writer.add_image(key, image, step, dataformats="HWC")
+    return [f"tensorboard:{key}"]
+
+
+def wandb_log(logger: object, payload: dict[str, Any], step: int) -> list[str]:
+    """Log ``payload`` through a W&B logger's ``log_metrics`` at trainer step ``step``; its destinations."""
+    logger.log_metrics(payload, step=step)  # type: ignore[attr-defined]
+    return [f"wandb:{key}" for key in payload]
+
+
+def route(
+    logger_list: list[object],
+    key: str,
+    *,
+    wandb: Callable[[object], list[str]],
+    tensorboard: Callable[[Any], list[str]],
+    files: Callable[[Path], list[str]],
+    fallback_dir: str | os.PathLike | None,
+    text: bool = False,
+) -> list[str]:
+    """Send one record to every logger by its kind (:func:`logger_kind`); the destinations written.
+
+    ``wandb(logger)`` handles each W&B logger; ``tensorboard(writer)`` each TensorBoard writer (with ``text``, only
+    a writer that can take text - one without ``add_text`` gets files instead); ``files(directory)`` writes into
+    each directory of the file loggers (their own, else ``fallback_dir``; ``fallback_dir`` alone when the run has
+    no logger), created first. ``DummyLogger`` counts as no logger. ``key`` names the record in the warning for a
+    file logger that has nowhere to write.
+    """
+    destinations: list[str] = []
+    file_loggers: list[object] = []
+    for logger in logger_list:
+        kind = logger_kind(logger)
+        if kind == "wandb":
+            destinations += wandb(logger)
+        elif kind == "tensorboard" and (writer := _writer_for(logger, text)) is not None:
+            destinations += tensorboard(writer)
+        elif kind in ("file", "tensorboard"):
+            file_loggers.append(logger)
+    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
+        directory.mkdir(parents=True, exist_ok=True)
+        destinations += files(directory)
+    return destinations
+
+
 def log_image(
     loggers: Sequence[object] | None,
     key: str,
@@ -220,23 +276,19 @@ def log_image(
     _check_image(image, "image")
     _check_step(step)
     step = int(step)
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            logger.log_metrics({key: _wandb_image(image, caption)}, step=step)  # type: ignore[attr-defined]
-            destinations.append(f"wandb:{key}")
-        elif kind == "tensorboard":
-            _tensorboard_writer(logger).add_image(key, image, step, dataformats="HWC")
-            destinations.append(f"tensorboard:{key}")
-        elif kind == "file":
-            file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
-        path = save_png(image, directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.png",
-                        caption=caption)
-        destinations.append(str(path))
-    return destinations
+
+    def to_files(directory: Path) -> list[str]:
+        stem = unique_stem(directory, f"{_file_stem(key)}_step{step}")
+        return [str(save_png(image, directory / f"{stem}.png", caption=caption))]
+
+    return route(
+        logger_list,
+        key,
+        wandb=lambda logger: wandb_log(logger, {key: _wandb_image(image, caption)}, step),
+        tensorboard=lambda writer: _tensorboard_image(writer, key, image, step),
+        files=to_files,
+        fallback_dir=fallback_dir,
+    )
 
 
 def _clean_cell(value: Any, where: str) -> Any:
@@ -277,12 +329,6 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def _tensorboard_text(logger: object) -> Any:
-    """The logger's writer when it can take text (``add_text``), else ``None``."""
-    writer = _tensorboard_writer(logger)
-    return writer if callable(getattr(writer, "add_text", None)) else None
-
-
 def log_table(
     loggers: Sequence[object] | None,
     key: str,
@@ -321,26 +367,19 @@ def log_table(
             raise ValueError(f"row {i} must be a list of {len(columns)} cells (one per column), got {row!r}")
         clean_rows.append([_clean_cell(cell, f"row {i}, column {columns[j]!r}") for j, cell in enumerate(row)])
 
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            data = [[_wandb_image(c) if _is_image(c) else c for c in row] for row in clean_rows]
-            table = _wandb().Table(columns=list(columns), data=data)
-            logger.log_metrics({key: table}, step=step)  # type: ignore[attr-defined]
-            destinations.append(f"wandb:{key}")
-        elif kind == "tensorboard" and (writer := _tensorboard_text(logger)) is not None:
-            writer.add_text(key, markdown_table(columns, clean_rows), step)
-            destinations.append(f"tensorboard:{key}")
-        elif kind in ("file", "tensorboard"):
-            file_loggers.append(logger)
-    base_stem = f"{_file_stem(key)}_step{step}"
     image_cols = {j for j in range(len(columns)) if any(_is_image(row[j]) for row in clean_rows)}
     keep = [j for j in range(len(columns)) if image_files or j not in image_cols]
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
-        directory.mkdir(parents=True, exist_ok=True)
-        stem = unique_stem(directory, base_stem)
+
+    def to_wandb(logger: object) -> list[str]:
+        data = [[_wandb_image(c) if _is_image(c) else c for c in row] for row in clean_rows]
+        return wandb_log(logger, {key: _wandb().Table(columns=list(columns), data=data)}, step)
+
+    def to_tensorboard(writer: Any) -> list[str]:
+        writer.add_text(key, markdown_table(columns, clean_rows), step)
+        return [f"tensorboard:{key}"]
+
+    def to_files(directory: Path) -> list[str]:
+        stem = unique_stem(directory, f"{_file_stem(key)}_step{step}")
         csv_rows = []
         for i, row in enumerate(clean_rows):
             out_row = []
@@ -352,8 +391,22 @@ def log_table(
                     cell = name
                 out_row.append(cell)
             csv_rows.append(out_row)
-        destinations.append(write_csv(directory / f"{stem}.csv", [columns[j] for j in keep], csv_rows))
-    return destinations
+        return [write_csv(directory / f"{stem}.csv", [columns[j] for j in keep], csv_rows)]
+
+    return route(
+        logger_list,
+        key,
+        wandb=to_wandb,
+        tensorboard=to_tensorboard,
+        files=to_files,
+        fallback_dir=fallback_dir,
+        text=True,
+    )
+
+
+def csv_path(directory: Path, key: str, step: int) -> Path:
+    """``<directory>/<key>_step<step>.csv``, never overwriting a file (see :func:`unique_stem`)."""
+    return directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[Any], rows: Any) -> str:
@@ -409,24 +462,20 @@ def log_line_plot(
         raise ValueError(f"x_label and y_label must be distinct non-empty strings, got {x_label!r} and {y_label!r}")
     rows = [[a, b] for a, b in zip(x, y)]
 
-    destinations: list[str] = []
-    file_loggers: list[object] = []
-    for logger in logger_list:
-        kind = logger_kind(logger)
-        if kind == "wandb":
-            wandb = _wandb()
-            table = wandb.Table(columns=[x_label, y_label], data=rows)
-            chart = wandb.plot.line(table, x_label, y_label, title=title)
-            logger.log_metrics({key: chart}, step=step)  # type: ignore[attr-defined]
-            destinations.append(f"wandb:{key}")
-        elif kind == "tensorboard":
-            figure = render_curves(x, {y_label: y}, title=title, x_label=x_label, y_label=y_label)
-            _tensorboard_writer(logger).add_image(key, figure, step, dataformats="HWC")
-            destinations.append(f"tensorboard:{key}")
-        elif kind == "file":
-            file_loggers.append(logger)
-    for directory in _file_dirs(file_loggers, _has_real_logger(logger_list), fallback_dir, key):
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{unique_stem(directory, f'{_file_stem(key)}_step{step}')}.csv"
-        destinations.append(write_csv(path, [x_label, y_label], rows))
-    return destinations
+    def to_wandb(logger: object) -> list[str]:
+        wandb = _wandb()
+        table = wandb.Table(columns=[x_label, y_label], data=rows)
+        return wandb_log(logger, {key: wandb.plot.line(table, x_label, y_label, title=title)}, step)
+
+    def to_tensorboard(writer: Any) -> list[str]:
+        figure = render_curves(x, {y_label: y}, title=title, x_label=x_label, y_label=y_label)
+        return _tensorboard_image(writer, key, figure, step)
+
+    return route(
+        logger_list,
+        key,
+        wandb=to_wandb,
+        tensorboard=to_tensorboard,
+        files=lambda directory: [write_csv(csv_path(directory, key, step), [x_label, y_label], rows)],
+        fallback_dir=fallback_dir,
+    )
