@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "capture_layer",
     "default_layer",
     "forward_until_stopped",
+    "module_calls",
     "resolve_layer",
     "stop_after_calls",
 ]
@@ -146,32 +147,44 @@ def forward_until_stopped(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return None
 
 
-def default_layer(model: nn.Module, inputs: Tensor) -> str:
-    """The conventional CAM layer: the last module (in execution order) whose output is a 4-D feature map
-    with more than one spatial position - e.g. ``"layer4"`` of a torchvision ResNet.
+def module_calls(
+    model: nn.Module, inputs: Tensor, modules: Iterable[tuple[str, nn.Module]]
+) -> list[tuple[str, tuple[int, ...] | None]]:
+    """Every call of ``modules`` (``(name, module)`` pairs) in one forward pass of the first sample, in execution
+    order: ``(name, output shape)``, the shape ``None`` for an output that is not a tensor.
 
-    Found with one forward pass of a single sample under ``torch.no_grad()``; hooks are removed afterwards.
+    The pass runs under ``torch.no_grad()`` in eval mode (:func:`model_state_guard`); hooks are removed afterwards,
+    also when the model raises.
     """
-    model = unwrap_compiled(model)
-    order: list[tuple[str, tuple[int, ...]]] = []
-    handles = []
+    calls: list[tuple[str, tuple[int, ...] | None]] = []
 
     def make_hook(name: str):
         def hook(_m: nn.Module, _i: tuple, output: object) -> None:
-            if isinstance(output, Tensor) and output.ndim == 4:
-                order.append((name, tuple(output.shape)))
+            calls.append((name, tuple(output.shape) if isinstance(output, Tensor) else None))
 
         return hook
 
+    handles = []
     try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(make_hook(name)))
+        for name, module in modules:
+            handles.append(module.register_forward_hook(make_hook(name)))
         with model_state_guard(model), torch.no_grad():
             model(inputs[:1])
     finally:
         for h in handles:
             h.remove()
+    return calls
+
+
+def default_layer(model: nn.Module, inputs: Tensor) -> str:
+    """The conventional CAM layer: the last module (in execution order) whose output is a 4-D feature map
+    with more than one spatial position - e.g. ``"layer4"`` of a torchvision ResNet.
+
+    Found with one forward pass of a single sample under ``torch.no_grad()`` (:func:`module_calls`).
+    """
+    model = unwrap_compiled(model)
+    calls = module_calls(model, inputs, ((name, m) for name, m in model.named_modules() if name))
+    order = [(name, shape) for name, shape in calls if shape is not None and len(shape) == 4]
     spatial = [name for name, shape in order if shape[2] * shape[3] > 1]
     candidates = spatial or [name for name, _ in order]
     if not candidates:

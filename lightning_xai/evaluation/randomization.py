@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import Target, model_state_guard, validate_target
-from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.layers import module_calls, resolve_layer
 from lightning_xai.checks import check_choice
 from lightning_xai.evaluation.base import check_image_batch, heatmap_batch
 from lightning_xai.evaluation.scoring import AttributorSpec
@@ -106,30 +106,15 @@ def parametrised_layers(model: nn.Module, inputs: Tensor) -> list[str]:
     Modules that own parameters but have no ``reset_parameters`` are skipped with a warning; modules that are
     not called in the forward pass are skipped.
     """
-    order: list[str] = []
-    handles = []
-    skipped = []
-
-    def make_hook(name: str) -> Callable:
-        def hook(_m: nn.Module, _i: tuple, _o: object) -> None:
-            if name not in order:
-                order.append(name)
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if not any(True for _ in module.parameters(recurse=False)):
-                continue
-            if not _resettable(module):
-                skipped.append(name or type(module).__name__)
-                continue
-            handles.append(module.register_forward_hook(make_hook(name)))
-        with model_state_guard(model), torch.no_grad():
-            model(inputs[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    layers, skipped = [], []
+    for name, module in model.named_modules():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        if _resettable(module):
+            layers.append((name, module))
+        else:
+            skipped.append(name or type(module).__name__)
+    order = list(dict.fromkeys(name for name, _ in module_calls(model, inputs, layers)))
     if skipped:
         warnings.warn(
             f"layers {skipped} own parameters but have no reset_parameters(); they are not randomised",
@@ -376,16 +361,6 @@ class DataRandomization:
         self.seed = seed
         self.return_explanations = bool(return_explanations)
 
-    def __call__(
-        self,
-        train_fn: Callable[[Tensor], nn.Module],
-        labels: Tensor,
-        inputs: Tensor,
-        target: Target | None = None,
-        model: nn.Module | None = None,
-    ) -> DataRandomizationResult:
-        return self.check(train_fn, labels, inputs, target, model)
-
     def check(
         self,
         train_fn: Callable[[Tensor], nn.Module],
@@ -417,3 +392,5 @@ class DataRandomization:
             permutation=permutation,
             explanations=(a, b) if self.return_explanations else None,
         )
+
+    __call__ = check
