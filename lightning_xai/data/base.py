@@ -1,16 +1,29 @@
-"""Shared plumbing of this project's DataModules: in-memory datasets built per split, validated loader options."""
+"""Shared plumbing of this project's generated data: balanced seeded labels, datasets held as whole-dataset
+tensors, and DataModules whose splits are built in memory with validated loader options."""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_xai.checks import check_int
 from lightning_xai.namespace import pl
 
-__all__ = ["SPLITS", "InMemoryDataModule", "derive_seeds"]
+__all__ = [
+    "SPLITS",
+    "GeneratedDataset",
+    "InMemoryDataModule",
+    "SplitLoaders",
+    "balanced_labels",
+    "derive_seeds",
+    "make_loader",
+]
 
 SPLITS = ("train", "val", "test")
 #: Which splits a Trainer stage needs (``predict`` runs on the test split).
@@ -23,20 +36,80 @@ def derive_seeds(seed: int, count: int) -> list[int]:
     Unlike ``seed, seed + 1, ...``, the derived seeds of two different ``seed`` values do not overlap, so e.g. the
     validation split of ``seed=0`` is not the training split of ``seed=1``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int("seed", seed, minimum=0, owner="derive_seeds")
     states = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64)
     return [int(s >> np.uint64(1)) for s in states]
 
 
-def check_loader_args(batch_size: int, num_workers: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative int (0 = load in the main process), got {num_workers!r}")
+def balanced_labels(size: int, num_classes: int, generator: torch.Generator) -> Tensor:
+    """``size`` class labels, exactly balanced (``size // num_classes`` or one more per class), in a random order
+    drawn from ``generator``: the labels of every generated dataset."""
+    return (torch.arange(size) % num_classes)[torch.randperm(size, generator=generator)]
 
 
-class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
+class GeneratedDataset(Dataset):
+    """A generated dataset held as whole-dataset tensors with one row per sample.
+
+    Item ``i`` is row ``i`` of each tensor attribute named in :attr:`item_fields`; the ``repr`` shows the
+    attributes named in :attr:`repr_fields` (``size`` is the number of samples). Subclasses set ``labels``.
+    """
+
+    item_fields: ClassVar[tuple[str, ...]]
+    repr_fields: ClassVar[tuple[str, ...]]
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(getattr(self, name)[index] for name in self.item_fields)
+
+    def __repr__(self) -> str:
+        shown = (f"{name}={len(self) if name == 'size' else getattr(self, name)!r}" for name in self.repr_fields)
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """The project's one ``DataLoader`` recipe: workers kept alive between epochs, memory pinned on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class SplitLoaders:
+    """The four Lightning loader hooks of a DataModule with train/val/test splits: ``train`` shuffled, the
+    others in order, ``predict`` on the test split. A subclass supplies ``_loader(split, shuffle)``; list this
+    class before ``LightningDataModule`` among the bases."""
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class InMemoryDataModule(SplitLoaders, pl.LightningDataModule, abc.ABC):
     """A DataModule whose splits are built in memory by :meth:`make_dataset` (seeded, no download).
 
     ``setup(stage)`` builds only the splits the stage needs, once; the datasets are then ``self.datasets[split]``.
@@ -45,10 +118,21 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__()
-        check_loader_args(batch_size, num_workers)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        owner = type(self).__name__
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
+        self.num_workers = check_int("num_workers", num_workers, minimum=0, owner=owner)
         self.datasets: dict[str, Dataset] = {}
+
+    def seeded_splits(self, n_train: int, n_val: int, n_test: int, seed: int) -> None:
+        """Set ``sizes`` (images per split, each checked >= 1), ``seed`` and ``split_seeds``: every split is
+        generated from its own seed derived from ``seed`` (:func:`derive_seeds`)."""
+        owner = type(self).__name__
+        self.sizes = {
+            split: check_int(f"n_{split}", value, minimum=1, owner=owner)
+            for split, value in zip(SPLITS, (n_train, n_val, n_test))
+        }
+        self.seed = seed
+        self.split_seeds = dict(zip(SPLITS, derive_seeds(seed, len(SPLITS))))
 
     @abc.abstractmethod
     def make_dataset(self, split: str) -> Dataset:
@@ -70,23 +154,4 @@ class InMemoryDataModule(pl.LightningDataModule, abc.ABC):
         return self.datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return make_loader(self.dataset(split), self.batch_size, self.num_workers, shuffle)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_xai.data.base import SplitLoaders, make_loader
 from lightning_xai.namespace import pl
 
 __all__ = ["ConceptMaskDataModule"]
@@ -41,7 +42,7 @@ class _MaskCollate:
         return s.images[index], s.labels[index], s.concept_labels[index], s.concept_masks_for(index)
 
 
-class ConceptMaskDataModule(pl.LightningDataModule):
+class ConceptMaskDataModule(SplitLoaders, pl.LightningDataModule):
     """A ``ConceptDataModule`` whose batches also carry the pixel masks of every concept.
 
     Batches: ``(images [B, 3, H, W], labels [B], concept_labels [B, K], concept_masks bool [B, K, H, W])``; the
@@ -78,23 +79,10 @@ class ConceptMaskDataModule(pl.LightningDataModule):
         for attribute in ("images", "labels", "concept_labels", "concept_masks_for"):
             if not hasattr(scenes, attribute):
                 raise TypeError(f"the {split} dataset {type(scenes).__name__} has no {attribute!r}")
-        return DataLoader(
+        return make_loader(
             _Indices(len(scenes)),
             batch_size=getattr(self.datamodule, "batch_size", 64),
+            num_workers=getattr(self.datamodule, "num_workers", 0),
             shuffle=shuffle,
             collate_fn=_MaskCollate(scenes),
-            num_workers=getattr(self.datamodule, "num_workers", 0),
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-

@@ -71,9 +71,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from lightning_xai.data.base import InMemoryDataModule, derive_seeds
+from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels
 from lightning_xai.data.concept_rendering import (  # noqa: F401 - the public names are re-exported
     _NUM_BASE,
     _OFFSETS,
@@ -144,7 +143,7 @@ __all__ = [
 #: Index of the first concept of each category.
 
 
-class ConceptScenes(Dataset):
+class ConceptScenes(GeneratedDataset):
     """``size`` scenes of objects with known concepts (see the module docstring for the exact generative rules).
 
     Items are ``(image, label, concept_labels)``: ``image`` float32 ``[3, H, W]`` in [0, 1], ``label`` a scalar
@@ -168,6 +167,9 @@ class ConceptScenes(Dataset):
     average 1.5 for ``max_objects=2``, 1.96 instead of 2 for 3, 3.3 instead of 3.5 for 6, at 64x64). The first
     object is never dropped.
     """
+
+    item_fields = ("images", "labels", "concept_labels")
+    repr_fields = ("size", "image_size", "max_objects", "class_rule", "spurious_tag", "seed")
 
     def __init__(
         self,
@@ -195,7 +197,7 @@ class ConceptScenes(Dataset):
             self.categories.setdefault(name.split(":")[0], []).append(index)
 
         generator = torch.Generator().manual_seed(seed)
-        labels = (torch.arange(size) % self.num_classes)[torch.randperm(size, generator=generator)]
+        labels = balanced_labels(size, self.num_classes, generator)
         if self.spurious_tag is None:
             has_tag = torch.zeros(size, dtype=torch.bool)
         else:
@@ -354,17 +356,6 @@ class ConceptScenes(Dataset):
         return chosen if return_indices else self.images[chosen]
 
     # ------------------------------------------------------------------------------------------------ dataset
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.images[index], self.labels[index], self.concept_labels[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(size={len(self)}, image_size={self.image_size}, max_objects={self.max_objects}, "
-            f"class_rule={self.class_rule!r}, spurious_tag={self.spurious_tag}, seed={self.seed})"
-        )
 
 
 class ConceptDataModule(InMemoryDataModule):
@@ -390,15 +381,10 @@ class ConceptDataModule(InMemoryDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.image_size = _check_image_size(image_size)
-        self.sizes = {
-            name: _check_size(value, f"n_{name}")
-            for name, value in (("train", n_train), ("val", n_val), ("test", n_test))
-        }
+        self.seeded_splits(n_train, n_val, n_test, seed)
         self.max_objects = _check_max_objects(max_objects)
         self.class_rule = _check_class_rule(class_rule)
         self.spurious_tag = _check_spurious_tag(spurious_tag)
-        self.seed = seed
-        self.split_seeds = dict(zip(("train", "val", "test"), derive_seeds(seed, 3)))
         self.class_names = class_names(class_rule)
         self.num_classes = len(self.class_names)
         self.concept_names = concept_names(with_tag=self.spurious_tag is not None)

@@ -29,9 +29,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
-from lightning_xai.data.base import InMemoryDataModule, derive_seeds
+from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels
 
 __all__ = [
     "DISC_COLORS_12",
@@ -245,7 +244,7 @@ def discriminative_mask(part_map: Tensor, num_classes: int) -> Tensor:
     return mask[:, None]
 
 
-class GroundTruthShapes(Dataset):
+class GroundTruthShapes(GeneratedDataset):
     """``size`` flower images whose class is the colour of the discriminative part(s) (see the module docstring).
 
     Items are ``(image, label, mask)``: ``image`` float32 ``[3, H, W]`` in [0, 1] (no normalisation), ``label`` a
@@ -255,6 +254,9 @@ class GroundTruthShapes(Dataset):
     :data:`PART_NAMES`) for concept-level ground truth. Labels are exactly balanced (``size // num_classes`` or one
     more per class) in a random order. Same arguments give identical tensors.
     """
+
+    item_fields = ("images", "labels", "masks")
+    repr_fields = ("num_classes", "size", "image_size", "seed")
 
     def __init__(self, num_classes: int = 6, size: int = 1000, image_size: int = 64, seed: int = 0) -> None:
         self.num_classes = _check_num_classes(num_classes)
@@ -267,7 +269,7 @@ class GroundTruthShapes(Dataset):
         self.class_names = class_names(self.num_classes)
 
         generator = torch.Generator().manual_seed(seed)
-        labels = (torch.arange(size) % self.num_classes)[torch.randperm(size, generator=generator)]
+        labels = balanced_labels(size, self.num_classes, generator)
         images, part_maps, scenes = [], [], []
         for start in range(0, size, CHUNK):
             chunk_labels = labels[start : start + CHUNK]
@@ -285,17 +287,6 @@ class GroundTruthShapes(Dataset):
             *(torch.cat([getattr(s, f) for s in scenes]) for f in (field.name for field in fields(FlowerScenes)))
         )
 
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.images[index], self.labels[index], self.masks[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_classes={self.num_classes}, size={len(self)}, "
-            f"image_size={self.image_size}, seed={self.seed})"
-        )
 
 
 class GroundTruthDataModule(InMemoryDataModule):
@@ -319,12 +310,7 @@ class GroundTruthDataModule(InMemoryDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.num_classes = _check_num_classes(num_classes)
         self.image_size = _check_image_size(image_size)
-        for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int (number of images), got {value!r}")
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
-        self.seed = seed
-        self.split_seeds = dict(zip(("train", "val", "test"), derive_seeds(seed, 3)))
+        self.seeded_splits(n_train, n_val, n_test, seed)
         self.class_names = class_names(self.num_classes)
         self.in_channels = 3
         self.save_hyperparameters()

@@ -27,10 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from lightning_xai.checks import check_int
-from lightning_xai.data.base import InMemoryDataModule, derive_seeds
+from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels
 
 __all__ = [
     "MASK_TOKEN",
@@ -70,7 +69,7 @@ def token_names(num_classes: int, keys_per_class: int, vocab_size: int) -> list[
     return names
 
 
-class PlantedTokens(Dataset):
+class PlantedTokens(GeneratedDataset):
     """``size`` token sequences whose class is decided by planted key tokens (see the module docstring).
 
     Args:
@@ -88,6 +87,11 @@ class PlantedTokens(Dataset):
     ``.masks [N, T]``, ``.lengths [N]``; ``.key_tokens [C, K]``; ``.token_names`` for rendering. Labels are exactly
     balanced in a random order.
     """
+
+    item_fields = ("tokens", "labels", "masks")
+    repr_fields = (
+        "num_classes", "size", "seq_len", "vocab_size", "keys_per_class", "num_planted", "min_length", "seed"
+    )
 
     def __init__(
         self,
@@ -118,7 +122,7 @@ class PlantedTokens(Dataset):
         self.class_names = [f"class{c}" for c in range(num_classes)]
 
         g = torch.Generator().manual_seed(seed)
-        labels = (torch.arange(size) % num_classes)[torch.randperm(size, generator=g)]
+        labels = balanced_labels(size, num_classes, g)
         first_filler = _FIRST_KEY + num_classes * keys_per_class
         tokens = torch.randint(first_filler, vocab_size, (size, seq_len), generator=g)
         lengths = torch.randint(min_length, seq_len + 1, (size,), generator=g)
@@ -132,22 +136,10 @@ class PlantedTokens(Dataset):
         masks = torch.zeros(size, seq_len).scatter_(1, planted, 1.0)
         self.tokens, self.labels, self.masks, self.lengths = tokens, labels, masks, lengths
 
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        return self.tokens[index], self.labels[index], self.masks[index]
-
     def decode(self, tokens: Tensor) -> list[str]:
         """The names of a ``[T]`` sequence's tokens (padding included)."""
         return [self.token_names[int(t)] for t in tokens]
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_classes={self.num_classes}, size={len(self)}, seq_len={self.seq_len}, "
-            f"vocab_size={self.vocab_size}, keys_per_class={self.keys_per_class}, num_planted={self.num_planted}, "
-            f"min_length={self.min_length}, seed={self.seed})"
-        )
 
 
 class PlantedTokensDataModule(InMemoryDataModule):
@@ -172,9 +164,7 @@ class PlantedTokensDataModule(InMemoryDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        owner = type(self).__name__
-        for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            check_int(name, value, minimum=1, owner=owner)
+        self.seeded_splits(n_train, n_val, n_test, seed)
         self.options = dict(
             num_classes=num_classes,
             seq_len=seq_len,
@@ -185,9 +175,6 @@ class PlantedTokensDataModule(InMemoryDataModule):
         )
         PlantedTokens(size=1, **self.options)  # validates the layout now, not at setup
         self.num_classes, self.seq_len, self.vocab_size = num_classes, seq_len, vocab_size
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
-        self.seed = seed
-        self.split_seeds = dict(zip(("train", "val", "test"), derive_seeds(seed, 3)))
         self.token_names = token_names(num_classes, keys_per_class, vocab_size)
         self.save_hyperparameters()
 
