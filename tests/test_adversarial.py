@@ -191,7 +191,7 @@ def test_works_under_no_grad_and_inference_mode(gap_cnn, context):
         ({"eps": float("nan")}, "eps must be"),
         ({"eps": 0.1, "steps": 0}, "steps must be an integer >= 1, got 0"),
         ({"eps": 0.1, "steps": 2.5}, "steps must be an integer"),
-        ({"eps": 0.1, "norm": "l1"}, r"unknown norm 'l1'; valid norms: \['linf', 'l2'\]"),
+        ({"eps": 0.1, "norm": "l1"}, r"PGDAttack: unknown norm 'l1'; valid values: \['linf', 'l2'\]"),
         ({"eps": 0.1, "step_size": 0}, "step_size must be"),
         ({"eps": 0.1, "attack_mode": "test"}, "unknown attack_mode 'test'"),
         ({"eps": 0.1, "input_range": (1.0, 0.0)}, "low < high"),

@@ -105,7 +105,7 @@ def test_head_learning_rate_is_its_own_parameter_group():
     assert backbone_group["lr"] == 1e-3 and head_group["lr"] == 5e-2
     assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}
     assert {id(p) for p in backbone_group["params"]} == {id(p) for p in model.backbone.parameters()}
-    with pytest.raises(ValueError, match="head_lr must be None"):
+    with pytest.raises(ValueError, match="ConceptBottleneckModel: head_lr must be a finite number > 0, got 0.0"):
         ConceptBottleneckModel(backbone=tiny_backbone(), head_lr=0.0)
 
 

@@ -91,9 +91,9 @@ def test_backbone_errors_name_the_valid_values() -> None:
         build_backbone("resnet50", num_classes=3)
     with pytest.raises(ValueError, match="small_input only applies to 'resnet18'"):
         build_backbone("small_cnn", num_classes=3, small_input=True)
-    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
+    with pytest.raises(ValueError, match="build_backbone: num_classes must be an integer >= 1, got 0"):
         build_backbone("small_cnn", num_classes=0)
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(ValueError, match="SmallCNN: width must be an integer >= 1, got 0"):
         SmallCNN(width=0)
 
 
@@ -136,7 +136,7 @@ def test_frozen_parameters_are_not_optimised() -> None:
         ({"lr": "0.1"}, "lr must be a finite number"),
         ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
-        ({"num_classes": 1}, "num_classes must be an int >= 2"),
+        ({"num_classes": 1}, "ImageClassifier: num_classes must be an integer >= 2, got 1"),
         ({"backbone": "resnet"}, "valid names"),
     ],
 )

@@ -458,14 +458,14 @@ def test_cosine_scheduler_steps_each_stage():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"prototypes_per_class": 0}, "prototypes_per_class must be an int >= 1"),
+        ({"prototypes_per_class": 0}, "ProtoPNet: prototypes_per_class must be an integer >= 1, got 0"),
         ({"backbone": "resnet19"}, r"unknown backbone 'resnet19'; valid names: \['small_cnn', 'resnet18'"),
-        ({"joint_epochs": 0}, "joint_epochs must be an int >= 1"),
-        ({"warm_epochs": -1}, "warm_epochs must be an int >= 0"),
-        ({"push_cycles": 0}, "push_cycles must be an int >= 1"),
-        ({"epsilon": 0.0}, "epsilon must be > 0"),
-        ({"lambda_sep": -0.1}, "lambda_sep must be >= 0"),
-        ({"num_classes": 1}, "num_classes must be an int >= 2"),
+        ({"joint_epochs": 0}, "ProtoPNet: joint_epochs must be an integer >= 1, got 0"),
+        ({"warm_epochs": -1}, "ProtoPNet: warm_epochs must be an integer >= 0, got -1"),
+        ({"push_cycles": 0}, "ProtoPNet: push_cycles must be an integer >= 1, got 0"),
+        ({"epsilon": 0.0}, "ProtoPNet: epsilon must be a finite number > 0, got 0.0"),
+        ({"lambda_sep": -0.1}, "ProtoPNet: lambda_sep must be a finite number >= 0, got -0.1"),
+        ({"num_classes": 1}, "ProtoPNet: num_classes must be an integer >= 2, got 1"),
         ({"backbone": nn.Linear(3, 3)}, "feature maps"),
     ],
 )

@@ -26,14 +26,17 @@ classification LightningModule of this project into its adversarially trained ve
         def adversarial_logits(self, x: Tensor) -> Tensor:   # only if forward() does not return class logits
             return self(x).class_logits
 
-The mixin's ``training_step`` replaces the batch's first element (the images) by PGD examples of the batch
-(attacking the cross-entropy of :meth:`~AdversarialTrainingMixin.adversarial_logits` against ``batch[1]``) and
-then runs the wrapped module's own ``training_step`` on that batch, so whatever loss and training metrics the
-module has are computed on the adversarial images. ``validation_step`` / ``test_step`` run the module's own step
+The mixin's ``training_step`` replaces the batch's images by PGD examples of the batch (attacking the
+cross-entropy of :meth:`~AdversarialTrainingMixin.adversarial_logits` against the batch's labels) and then runs
+the wrapped module's own ``training_step`` on that batch, so whatever loss and training metrics the module has are
+computed on the adversarial images. ``validation_step`` / ``test_step`` run the module's own step
 on the clean batch and then log ``{stage}_clean_acc`` and ``{stage}_robust_acc`` (torchmetrics accuracies,
-reduced across DDP ranks). Override :meth:`~AdversarialTrainingMixin.adversarial_inputs`,
-:meth:`~AdversarialTrainingMixin.adversarial_labels` and :meth:`~AdversarialTrainingMixin.replace_inputs` for
-other batch layouts (e.g. dicts).
+reduced across DDP ranks). Images and labels are read, and the images written back, by the module's
+:class:`~lightning_xai.batch.BatchReader` (its ``input_key`` / ``label_key``): tuples, dicts with custom keys,
+namedtuples and objects with attributes all work, and a batch without labels raises naming the module, the
+batch's fields and ``label_key=``. Override :meth:`~AdversarialTrainingMixin.adversarial_inputs`,
+:meth:`~AdversarialTrainingMixin.adversarial_labels` and :meth:`~AdversarialTrainingMixin.replace_inputs` only
+for layouts a reader cannot express.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import gradient_context, model_state_guard
-from lightning_xai.checks import check_float, check_int, check_range
+from lightning_xai.batch import BatchReader, Key
+from lightning_xai.checks import check_bool, check_choice, check_float, check_int, check_range
 from lightning_xai.models.classifier import ImageClassifier
 
-__all__ = ["ATTACK_MODES", "NORMS", "AdversarialClassifier", "AdversarialTrainingMixin", "PGDAttack"]
+__all__ = ["ATTACK_MODES", "NORMS", "NORM_ALIASES", "AdversarialClassifier", "AdversarialTrainingMixin", "PGDAttack"]
 
 #: Threat models: ``"linf"`` (``max_i |delta_i| <= eps``) and ``"l2"`` (``||delta||_2 <= eps`` per sample).
 NORMS = ("linf", "l2")
@@ -60,30 +64,16 @@ NORMS = ("linf", "l2")
 ATTACK_MODES = ("eval", "train")
 
 
-def _check_positive_float(name: str, value: float) -> float:
-    return check_float(name, value, minimum=0, strict=True, owner="PGDAttack")
+#: Spellings of the norms accepted besides :data:`NORMS` (case, ``_`` and ``-`` are ignored).
+NORM_ALIASES = {"inf": "linf", "linfinity": "linf", "2": "l2"}
 
 
-def _check_steps(name: str, value: int) -> int:
-    return check_int(name, value, minimum=1, owner="PGDAttack")
-
-
-def _check_norm(norm: str) -> str:
-    key = norm.lower().replace("_", "").replace("-", "") if isinstance(norm, str) else norm
-    key = {"inf": "linf", "linfinity": "linf", "2": "l2"}.get(key, key)
-    if key not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {list(NORMS)}")
-    return key
-
-
-def _check_range(input_range: tuple[float, float] | None) -> tuple[float, float] | None:
-    return check_range("input_range", input_range, owner="PGDAttack", allow_none=True)
-
-
-def _check_bool(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+def _norm_name(norm: object) -> object:
+    """``norm`` with its alias resolved (``"Linf"``, ``"L_inf"``, ``"inf"`` -> ``"linf"``); other values as given."""
+    if not isinstance(norm, str):
+        return norm
+    key = norm.lower().replace("_", "").replace("-", "")
+    return NORM_ALIASES.get(key, key if key in NORMS else norm)
 
 
 def _per_sample_norm(x: Tensor) -> Tensor:
@@ -149,18 +139,16 @@ class PGDAttack:
         input_range: tuple[float, float] | None = (0.0, 1.0),
         attack_mode: str = "eval",
     ) -> None:
-        self.eps = _check_positive_float("eps", eps)
-        self.norm = _check_norm(norm)
-        self.steps = _check_steps("steps", steps)
-        self.step_size = (
-            2.5 * self.eps / self.steps if step_size is None else _check_positive_float("step_size", step_size)
-        )
-        self.random_start = _check_bool("random_start", random_start)
-        self.targeted = _check_bool("targeted", targeted)
-        self.input_range = _check_range(input_range)
-        if attack_mode not in ATTACK_MODES:
-            raise ValueError(f"unknown attack_mode {attack_mode!r}; valid modes: {list(ATTACK_MODES)}")
-        self.attack_mode = attack_mode
+        owner = "PGDAttack"
+        self.eps = check_float("eps", eps, minimum=0, strict=True, owner=owner)
+        self.norm = check_choice("norm", _norm_name(norm), NORMS, owner=owner)
+        self.steps = check_int("steps", steps, minimum=1, owner=owner)
+        self.step_size = (2.5 * self.eps / self.steps if step_size is None
+                          else check_float("step_size", step_size, minimum=0, strict=True, owner=owner))
+        self.random_start = check_bool("random_start", random_start, owner=owner)
+        self.targeted = check_bool("targeted", targeted, owner=owner)
+        self.input_range = check_range("input_range", input_range, owner=owner, allow_none=True)
+        self.attack_mode = check_choice("attack_mode", attack_mode, ATTACK_MODES, owner=owner)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -296,8 +284,7 @@ class AdversarialTrainingMixin:
             raise TypeError(f"attack must be a PGDAttack, got {type(attack).__name__}")
         if eval_attack is not None and not isinstance(eval_attack, PGDAttack):
             raise TypeError(f"eval_attack must be a PGDAttack or None, got {type(eval_attack).__name__}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, minimum=2, owner=type(self).__name__)
         self.attack = attack
         if eval_attack is None:
             eval_attack = PGDAttack(
@@ -310,24 +297,31 @@ class AdversarialTrainingMixin:
                 input_range=attack.input_range,
                 attack_mode="eval",
             )
-        self.eval_attack = eval_attack if _check_bool("robust_eval", robust_eval) else None
+        self.eval_attack = eval_attack if check_bool("robust_eval", robust_eval, owner=type(self).__name__) else None
         robust = MetricCollection({name: MulticlassAccuracy(num_classes, average="micro")
                                    for name in ("clean_acc", "robust_acc")})
         self.robust_metrics = nn.ModuleDict({stage: robust.clone(prefix=f"{stage}_") for stage in ("val", "test")})
 
     # ------------------------------------------------------------------------------- batch layout hooks
+    @property
+    def adversarial_batch_reader(self) -> BatchReader:
+        """How batches are read: the module's own ``batch_reader`` (``input_key`` / ``label_key`` of
+        :class:`~lightning_xai.models.base.XAIModule`), else the defaults of
+        :class:`~lightning_xai.batch.BatchReader`."""
+        reader = getattr(self, "batch_reader", None)
+        return reader if isinstance(reader, BatchReader) else BatchReader(owner=type(self).__name__)
+
     def adversarial_inputs(self, batch: Any) -> Tensor:
-        """The images of ``batch`` that are attacked: ``batch[0]``."""
-        return batch[0]
+        """The images of ``batch`` that are attacked (where the batch reader finds the input)."""
+        return self.adversarial_batch_reader.inputs(batch)
 
     def adversarial_labels(self, batch: Any) -> Tensor:
-        """The class labels of ``batch``: ``batch[1]``."""
-        return batch[1]
+        """The class labels of ``batch`` (required: the attack maximises their cross-entropy)."""
+        return self.adversarial_batch_reader.labels(batch, required=True)
 
     def replace_inputs(self, batch: Any, inputs: Tensor) -> Any:
-        """``batch`` with its images replaced by ``inputs`` (same container type)."""
-        rest = list(batch[1:])
-        return (inputs, *rest) if isinstance(batch, tuple) else [inputs, *rest]
+        """A copy of ``batch`` with its images replaced by ``inputs`` (same container type, same field)."""
+        return self.adversarial_batch_reader.with_inputs(batch, inputs)
 
     def adversarial_logits(self, x: Tensor) -> Tensor:
         """Class logits ``[B, num_classes]`` of ``x``: ``self(x)``."""
@@ -367,8 +361,9 @@ class AdversarialClassifier(AdversarialTrainingMixin, ImageClassifier):
     """:class:`~lightning_xai.models.ImageClassifier` trained on PGD examples (Madry et al., ICLR 2018).
 
     Args:
-        backbone, num_classes, in_channels, optimizer, lr, weight_decay, scheduler, momentum: as in
-            :class:`~lightning_xai.models.ImageClassifier`.
+        backbone, num_classes, in_channels, optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss,
+            input_key, label_key: as in :class:`~lightning_xai.models.ImageClassifier` (the keys say where the
+            attacked images and their labels are in a batch).
         eps, norm, steps, step_size, random_start, attack_mode, input_range: the training attack
             (:class:`PGDAttack`); ``eps <= 0``, ``steps < 1`` or an unknown ``norm`` raise ``ValueError`` here.
         eval_steps: PGD steps of the attack measuring robust accuracy (default: ``steps``); it uses the same
@@ -399,31 +394,18 @@ class AdversarialClassifier(AdversarialTrainingMixin, ImageClassifier):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
-        attack = PGDAttack(
-            eps=eps,
-            norm=norm,
-            steps=steps,
-            step_size=step_size,
-            random_start=random_start,
-            input_range=input_range,
-            attack_mode=attack_mode,
-        )  # validated before the backbone is built
-        eval_attack = PGDAttack(
-            eps=eps,
-            norm=norm,
-            steps=steps if eval_steps is None else _check_steps("eval_steps", eval_steps),
-            random_start=False,
-            input_range=input_range,
-        )
-        super().__init__(
-            backbone=backbone,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            momentum=momentum,
-        )
+        # both attacks are validated before the backbone is built
+        attack = PGDAttack(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start,
+                           input_range=input_range, attack_mode=attack_mode)
+        if eval_steps is not None:
+            check_int("eval_steps", eval_steps, minimum=1, owner=type(self).__name__)
+        eval_attack = PGDAttack(eps=eps, norm=norm, steps=steps if eval_steps is None else eval_steps,
+                                random_start=False, input_range=input_range)
+        super().__init__(backbone=backbone, num_classes=num_classes, in_channels=in_channels, optimizer=optimizer,
+                         lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
+                         on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         self.configure_adversarial(attack, num_classes=num_classes, eval_attack=eval_attack, robust_eval=robust_eval)

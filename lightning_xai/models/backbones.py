@@ -14,15 +14,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_xai.checks import check_int
+
 __all__ = ["BACKBONES", "SmallCNN", "VGGSmall", "build_backbone"]
 
 BACKBONES = ("small_cnn", "resnet18", "vgg_small")
-
-
-def _check_int(name: str, value: int, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
@@ -48,9 +44,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 6, width: int = 32) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels)
-        _check_int("num_classes", num_classes)
-        _check_int("width", width)
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            check_int(name, value, minimum=1, owner="SmallCNN")
         self.blocks = nn.Sequential(
             *_conv_bn_relu(in_channels, width),
             nn.MaxPool2d(2),
@@ -75,10 +70,9 @@ class VGGSmall(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 6, width: int = 16, hidden: int = 64) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels)
-        _check_int("num_classes", num_classes)
-        _check_int("width", width)
-        _check_int("hidden", hidden)
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width),
+                            ("hidden", hidden)):
+            check_int(name, value, minimum=1, owner="VGGSmall")
         w1, w2 = width, 2 * width
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, w1, 3, padding=1),
@@ -125,8 +119,8 @@ def build_backbone(name: str, num_classes: int, in_channels: int = 3, small_inpu
     ``small_input`` (ResNet-18 only) replaces the 7x7 stride-2 stem and its max-pool by a 3x3 stride-1 conv, for
     inputs of 32x32..64x64; with ``in_channels != 3`` the first conv is replaced to accept that many channels.
     """
-    _check_int("num_classes", num_classes)
-    _check_int("in_channels", in_channels)
+    check_int("num_classes", num_classes, minimum=1, owner="build_backbone")
+    check_int("in_channels", in_channels, minimum=1, owner="build_backbone")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {list(BACKBONES)}")
     if small_input and name != "resnet18":

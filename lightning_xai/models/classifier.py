@@ -10,6 +10,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.batch import Key
+from lightning_xai.checks import check_int
 from lightning_xai.models.backbones import build_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
 
@@ -56,8 +57,7 @@ class ImageClassifier(XAIModule):
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
                          on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        check_int("num_classes", num_classes, minimum=2, owner=type(self).__name__)
         if isinstance(backbone, str):
             self.backbone = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels)
         elif isinstance(backbone, nn.Module):

@@ -60,7 +60,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.checks import check_int
+from lightning_xai.checks import check_choice, check_float, check_int
 from lightning_xai.distributed import sum_over_ranks
 from lightning_xai.evaluation.concepts import ConceptAUROC, auc_matrix
 from lightning_xai.models.backbones import build_backbone
@@ -164,33 +164,24 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
                          on_nonfinite_loss=on_nonfinite_loss)
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; valid modes: {list(MODES)}")
-        if bottleneck not in BOTTLENECKS:
-            raise ValueError(f"unknown bottleneck {bottleneck!r}; valid bottlenecks: {list(BOTTLENECKS)}")
-        k = check_int("num_concepts", num_concepts, minimum=1, owner="ConceptBottleneckModel")
-        check_int("num_classes", num_classes, minimum=2, owner="ConceptBottleneckModel")
-        check_int("percentile_samples", percentile_samples, minimum=1, owner="ConceptBottleneckModel")
-        if head_lr is not None and (
-            isinstance(head_lr, bool)
-            or not isinstance(head_lr, int | float)
-            or not math.isfinite(head_lr)
-            or head_lr <= 0
-        ):
-            raise ValueError(f"head_lr must be None (use lr) or a finite number > 0, got {head_lr!r}")
-        if isinstance(concept_loss_weight, bool) or not isinstance(concept_loss_weight, int | float):
-            raise ValueError(f"concept_loss_weight must be a number >= 0, got {concept_loss_weight!r}")
-        if not math.isfinite(concept_loss_weight) or concept_loss_weight < 0:
-            raise ValueError(f"concept_loss_weight must be a finite number >= 0, got {concept_loss_weight!r}")
+        owner = type(self).__name__
+        check_choice("mode", mode, MODES, owner=owner)
+        check_choice("bottleneck", bottleneck, BOTTLENECKS, owner=owner)
+        k = check_int("num_concepts", num_concepts, minimum=1, owner=owner)
+        check_int("num_classes", num_classes, minimum=2, owner=owner)
+        check_int("percentile_samples", percentile_samples, minimum=1, owner=owner)
+        if head_lr is not None:  # None: the head learns at lr
+            check_float("head_lr", head_lr, minimum=0, strict=True, owner=owner)
+        check_float("concept_loss_weight", concept_loss_weight, minimum=0, owner=owner)
         if head_hidden is not None:
-            check_int("head_hidden", head_hidden, minimum=1, owner="ConceptBottleneckModel")
+            check_int("head_hidden", head_hidden, minimum=1, owner=owner)
         if mode in ("independent", "sequential"):
             if concept_epochs is None:
                 raise ValueError(
                     f"mode={mode!r} trains in two stages: set concept_epochs (the number of epochs of the concept "
                     "stage; the remaining epochs train the task head)"
                 )
-            check_int("concept_epochs", concept_epochs, minimum=1, owner="ConceptBottleneckModel")
+            check_int("concept_epochs", concept_epochs, minimum=1, owner=owner)
         elif concept_epochs is not None:
             raise ValueError(f"concept_epochs only applies to 'independent' and 'sequential', not mode={mode!r}")
         if concept_names is not None:

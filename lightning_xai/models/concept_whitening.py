@@ -65,7 +65,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import StopForward, forward_until_stopped, resolve_layer
 from lightning_xai.batch import Key
-from lightning_xai.checks import check_bool
+from lightning_xai.checks import check_bool, check_int
 from lightning_xai.distributed import sum_over_ranks
 from lightning_xai.models.backbones import build_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
@@ -74,7 +74,6 @@ from lightning_xai.models.whitening import (
     POOLINGS,
     WHITENINGS,
     ConceptWhitening,
-    _check_int,
     _distributed_rank,
     _distributed_world,
     best_filter_auc,
@@ -183,9 +182,9 @@ class ConceptWhiteningClassifier(XAIModule):
             raise ValueError(f"concepts must be a non-empty list of concept names, got {concepts!r}")
         if not all(isinstance(c, str) for c in concepts) or len(set(concepts)) != len(concepts):
             raise ValueError(f"concepts must be distinct concept names (strings), got {list(concepts)!r}")
-        _check_int("num_classes", num_classes, 2)
-        _check_int("update_every", update_every, 1)
-        _check_int("concept_batch_size", concept_batch_size, 1)
+        for name, value, minimum in (("num_classes", num_classes, 2), ("update_every", update_every, 1),
+                                     ("concept_batch_size", concept_batch_size, 1)):
+            check_int(name, value, minimum=minimum, owner=type(self).__name__)
         if concept_split not in ("train", "val", "test"):
             raise ValueError(f"unknown concept_split {concept_split!r}; valid splits: ['train', 'val', 'test']")
         if isinstance(backbone, str):

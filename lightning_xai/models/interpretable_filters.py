@@ -44,6 +44,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.batch import BatchReader, Key
+from lightning_xai.checks import check_float, check_int
 from lightning_xai.models.classifier import ImageClassifier
 
 __all__ = [
@@ -57,18 +59,17 @@ __all__ = [
 ]
 
 
-def _check_beta(beta: float) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, int | float) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return float(beta)
-
-
-def _check_alpha(alpha: float | None) -> float | None:
-    if alpha is None:
-        return None
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha (prior of the positive templates) must be in (0, 1) or None, got {alpha!r}")
-    return float(alpha)
+def _template_settings(
+    owner: str, beta: float, alpha: float | None = None, tau: float | None = None
+) -> tuple[float, float | None, float | None]:
+    """``(beta, alpha, tau)`` checked with the shared checks: ``beta > 0``; ``alpha`` (the prior of the positive
+    templates) in ``(0, 1)`` or ``None``; ``tau`` (the template scale) ``> 0`` or ``None`` (``0.5 / n^2``)."""
+    beta = check_float("beta", beta, minimum=0, strict=True, owner=owner)
+    if alpha is not None:
+        alpha = check_float("alpha", alpha, minimum=0, maximum=1, strict=True, owner=owner)
+    if tau is not None:
+        tau = check_float("tau", tau, minimum=0, strict=True, owner=owner)
+    return beta, alpha, tau
 
 
 def _check_maps(x: Tensor, name: str = "feature maps") -> None:
@@ -83,7 +84,7 @@ def part_templates(
 ) -> Tensor:
     """The unscaled positive templates ``max(1 - beta * ||i - mu||_1 / n, -1)``, ``Tensor[h*w, h, w]``:
     entry ``[mu]`` is the template of position ``mu`` (row-major), ``n = max(h, w)``."""
-    beta = _check_beta(beta)
+    beta = _template_settings("part_templates", beta)[0]
     rows = torch.arange(height, device=device, dtype=dtype or torch.float32)
     cols = torch.arange(width, device=device, dtype=dtype or torch.float32)
     mu_r, mu_c = torch.meshgrid(rows, cols, indexing="ij")
@@ -104,14 +105,6 @@ def mask_feature_map(x: Tensor, beta: float = 4.0) -> Tensor:
     return (x * templates[peak]).clamp_min(0.0)
 
 
-def _check_tau(tau: float | None) -> float | None:
-    if tau is None:
-        return None
-    if isinstance(tau, bool) or not isinstance(tau, int | float) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau (template scale) must be a finite number > 0 or None (= 0.5 / n^2), got {tau!r}")
-    return float(tau)
-
-
 def filter_mutual_information(
     x: Tensor, beta: float = 4.0, alpha: float | None = None, tau: float | None = None
 ) -> Tensor:
@@ -121,8 +114,7 @@ def filter_mutual_information(
     ``tau``: template scale, default ``0.5 / n^2`` (the paper's).
     """
     _check_maps(x)
-    alpha = _check_alpha(alpha)
-    tau = _check_tau(tau)
+    _, alpha, tau = _template_settings("filter_mutual_information", beta, alpha, tau)
     b, _, h, w = x.shape
     if b < 2:
         raise ValueError(f"the filter loss needs a batch of at least 2 images (p(x|T) is over the batch), got {b}")
@@ -169,8 +161,8 @@ class InterpretableFilterClassifier(ImageClassifier):
     object parts (Zhang, Wu & Zhu, CVPR 2018; see the module docstring).
 
     Args:
-        backbone, num_classes, in_channels, optimizer, lr, weight_decay, scheduler, momentum: as in
-            :class:`~lightning_xai.models.ImageClassifier`.
+        backbone, num_classes, in_channels, optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss,
+            input_key, label_key: as in :class:`~lightning_xai.models.ImageClassifier`.
         filter_layer: dotted name of the ``nn.Conv2d`` whose filters are made interpretable (default: the last
             conv of ``"small_cnn"``). Anything else raises ``ValueError``.
         activation_layer: the module whose output is the rectified feature map that is masked (and fed to the
@@ -206,25 +198,16 @@ class InterpretableFilterClassifier(ImageClassifier):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
-        if (
-            isinstance(filter_loss_weight, bool)
-            or not isinstance(filter_loss_weight, int | float)
-            or not math.isfinite(filter_loss_weight)
-            or filter_loss_weight < 0
-        ):
-            raise ValueError(f"filter_loss_weight must be a finite number >= 0, got {filter_loss_weight!r}")
-        beta, alpha, tau = _check_beta(beta), _check_alpha(alpha), _check_tau(tau)
-        super().__init__(
-            backbone=backbone,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            momentum=momentum,
-        )
+        owner = type(self).__name__
+        check_float("filter_loss_weight", filter_loss_weight, minimum=0, owner=owner)
+        beta, alpha, tau = _template_settings(owner, beta, alpha, tau)
+        super().__init__(backbone=backbone, num_classes=num_classes, in_channels=in_channels, optimizer=optimizer,
+                         lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
+                         on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         name, conv = resolve_layer(self, filter_layer)
         if not isinstance(conv, nn.Conv2d):
             convs = [n for n, m in self.named_modules() if isinstance(m, nn.Conv2d)]
@@ -275,7 +258,7 @@ class InterpretableFilterClassifier(ImageClassifier):
         self._masked.clear()
         if loss is None:  # a non-finite loss skipped by on_nonfinite_loss="skip"
             return None
-        n = len(batch[1])
+        n = len(self.batch_reader.labels(batch, required=True))
         self.log(f"{stage}_filter_loss", floss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         total = loss + self.filter_loss_weight * floss
         if stage == "train":
@@ -297,16 +280,18 @@ def filter_peak_positions(model: nn.Module, layer: str | nn.Module, data: Iterab
     Args:
         model: any ``nn.Module`` (run in eval mode; its state is restored).
         layer: the module whose 4-D output ``[B, C, h, w]`` is analysed (e.g. the masked activation).
-        data: iterable of image batches (tensors, or sequences whose first element is the images).
+        data: iterable of batches: image tensors, or batches whose images
+            :class:`~lightning_xai.batch.BatchReader`'s defaults find (a tuple's first element, ``"image"``, ...).
 
     Returns:
         ``(positions [N, C, 2], peaks [N, C])``: the centre ``(x, y)`` of the arg-max cell of each filter's map,
         mapped to input pixels (``(j + 0.5) * W / w``), and the maximum values.
     """
     positions, peaks = [], []
+    reader = BatchReader(owner="filter_peak_positions")
     with model_state_guard(model), capture_layer(model, layer) as capture:
         for batch in data:
-            images = batch if isinstance(batch, Tensor) else batch[0]
+            images = reader.inputs(batch)
             capture.clear()
             model(images)
             act = capture.activation
@@ -348,8 +333,7 @@ def location_instability(
     if top_k is not None:
         if peaks is None or peaks.shape != distance.shape:
             raise ValueError("top_k needs peaks of shape [N, C] (from filter_peak_positions)")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 2 <= top_k <= distance.shape[0]:
-            raise ValueError(f"top_k must be an integer in [2, N={distance.shape[0]}], got {top_k!r}")
+        check_int("top_k", top_k, minimum=2, maximum=distance.shape[0], owner="location_instability")
         index = peaks.topk(top_k, dim=0).indices  # [top_k, C]
         distance = distance.gather(0, index)
     if distance.shape[0] < 2:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.checks import check_int
+from lightning_xai.checks import check_bool, check_float, check_int
 from lightning_xai.data.concept_masks import ConceptMaskDataModule
 from lightning_xai.distributed import default_reducer
 from lightning_xai.evaluation.concepts import SetIoU, set_iou_counts
@@ -64,10 +64,6 @@ from lightning_xai.models.probes import (
 )
 
 __all__ = ["ConceptMaskDataModule", "Net2Vec", "SetIoU", "set_iou_counts"]
-
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    return check_int(name, value, minimum=minimum)
-
 
 # ---------------------------------------------------------------------------------------------------------- data
 
@@ -107,17 +103,15 @@ class Net2Vec(_ProbeHead, XAIModule):
         momentum: float = 0.9,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
-        self.num_filters = _check_int("num_filters", num_filters)
-        self.num_concepts = _check_int("num_concepts", num_concepts)
+        owner = type(self).__name__
+        self.num_filters = check_int("num_filters", num_filters, minimum=1, owner=owner)
+        self.num_concepts = check_int("num_concepts", num_concepts, minimum=1, owner=owner)
         self.concept_names = check_concept_names(concept_names, num_concepts)
-        if not isinstance(train_probes, bool):
-            raise TypeError(f"train_probes must be True or False, got {train_probes!r}")
-        if isinstance(quantile, bool) or not isinstance(quantile, int | float) or not 0.0 < quantile < 1.0:
-            raise ValueError(f"quantile must be a number in (0, 1) (e.g. 0.005 for the top 0.5%), got {quantile!r}")
-        self.masks_at = _check_int("masks_at", masks_at)
-        self.concepts_at = _check_int("concepts_at", concepts_at)
-        self.train_probes = train_probes
-        self.quantile = float(quantile)
+        self.train_probes = check_bool("train_probes", train_probes, owner=owner)
+        # e.g. 0.005 for the top 0.5 %
+        self.quantile = check_float("quantile", quantile, minimum=0, maximum=1, strict=True, owner=owner)
+        self.masks_at = check_int("masks_at", masks_at, minimum=1, owner=owner)
+        self.concepts_at = check_int("concepts_at", concepts_at, minimum=1, owner=owner)
         self.weight = nn.Parameter(torch.zeros(num_concepts, num_filters))
         self.bias = nn.Parameter(torch.zeros(num_concepts))
         self.probes = LinearConceptProbes(num_filters, num_concepts) if train_probes else None

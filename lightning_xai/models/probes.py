@@ -44,10 +44,6 @@ from lightning_xai.models.base import XAIModule
 __all__ = ["ConceptProbeMetrics", "ConceptProbes", "LinearConceptProbes", "balanced_bce"]
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    return check_int(name, value, minimum=minimum)
-
-
 def check_concept_names(concept_names: Sequence[str] | None, num_concepts: int) -> list[str]:
     """Validate the names (default ``"concept_<i>"``); their number must be ``num_concepts``."""
     if concept_names is None:
@@ -85,8 +81,8 @@ class LinearConceptProbes(nn.Module):
 
     def __init__(self, num_features: int, num_concepts: int) -> None:
         super().__init__()
-        _check_int("num_features", num_features)
-        _check_int("num_concepts", num_concepts)
+        check_int("num_features", num_features, minimum=1, owner="LinearConceptProbes")
+        check_int("num_concepts", num_concepts, minimum=1, owner="LinearConceptProbes")
         self.weight = nn.Parameter(torch.zeros(num_concepts, num_features))
         self.bias = nn.Parameter(torch.zeros(num_concepts))
 
@@ -186,10 +182,11 @@ class ConceptProbes(_ProbeHead, XAIModule):
         momentum: float = 0.9,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum)
-        self.num_features = _check_int("num_features", num_features)
-        self.num_concepts = _check_int("num_concepts", num_concepts)
+        owner = type(self).__name__
+        self.num_features = check_int("num_features", num_features, minimum=1, owner=owner)
+        self.num_concepts = check_int("num_concepts", num_concepts, minimum=1, owner=owner)
         self.concept_names = check_concept_names(concept_names, num_concepts)
-        self.concepts_at = _check_int("concepts_at", concepts_at)
+        self.concepts_at = check_int("concepts_at", concepts_at, minimum=1, owner=owner)
         self.probes = LinearConceptProbes(num_features, num_concepts)
         #: running counts: images showing each concept, then all images (summed over processes)
         self.register_buffer("concept_counts", torch.zeros(num_concepts + 1, dtype=torch.float64))

@@ -87,6 +87,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.batch import Key
+from lightning_xai.checks import check_float, check_int
 from lightning_xai.models.base import StepOutput, XAIModule, config_dataclass
 from lightning_xai.models.protopnet_explain import PrototypeExplanationMixin
 from lightning_xai.models.protopnet_parts import (
@@ -95,8 +96,6 @@ from lightning_xai.models.protopnet_parts import (
     ProtoPNetOutput,
     PrototypeExplanation,
     ReceptiveField,
-    _check_int,
-    _check_number,
     _eval_mode,
     build_trunk,
     l2_distances,
@@ -220,29 +219,30 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
                          on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        _check_int("in_channels", in_channels, 1)
-        _check_int("prototypes_per_class", prototypes_per_class, 1)
-        _check_int("prototype_dim", prototype_dim, 1)
-        self.epsilon = _check_number("epsilon", epsilon, positive=True)
-        self.lambda_clst = _check_number("lambda_clst", lambda_clst, minimum=0)
-        self.lambda_sep = _check_number("lambda_sep", lambda_sep, minimum=0)
-        self.lambda_l1 = _check_number("lambda_l1", lambda_l1, minimum=0)
-        self.incorrect_class_connection = _check_number("incorrect_class_connection", incorrect_class_connection)
-        self.warm_epochs = _check_int("warm_epochs", warm_epochs, 0)
-        self.joint_epochs = _check_int("joint_epochs", joint_epochs, 1)
-        self.last_layer_epochs = _check_int("last_layer_epochs", last_layer_epochs, 0)
-        self.push_cycles = _check_int("push_cycles", push_cycles, 1)
-        self.backbone_lr = self.lr if backbone_lr is None else _check_number("backbone_lr", backbone_lr, positive=True)
-        self.last_layer_lr = (
-            self.lr if last_layer_lr is None else _check_number("last_layer_lr", last_layer_lr, positive=True)
-        )
-        self.push_batch_size = _check_int("push_batch_size", push_batch_size, 1)
-        self.explain_samples = _check_int("explain_samples", explain_samples, 0)
+        owner = type(self).__name__
+        for name, value, minimum in (
+            ("num_classes", num_classes, 2), ("in_channels", in_channels, 1),
+            ("prototypes_per_class", prototypes_per_class, 1), ("prototype_dim", prototype_dim, 1),
+            ("warm_epochs", warm_epochs, 0), ("joint_epochs", joint_epochs, 1),
+            ("last_layer_epochs", last_layer_epochs, 0), ("push_cycles", push_cycles, 1),
+            ("push_batch_size", push_batch_size, 1), ("explain_samples", explain_samples, 0),
+            ("explain_top_k", explain_top_k, 1),
+        ):
+            check_int(name, value, minimum=minimum, owner=owner)
+        self.epsilon = check_float("epsilon", epsilon, minimum=0, strict=True, owner=owner)
+        self.lambda_clst = check_float("lambda_clst", lambda_clst, minimum=0, owner=owner)
+        self.lambda_sep = check_float("lambda_sep", lambda_sep, minimum=0, owner=owner)
+        self.lambda_l1 = check_float("lambda_l1", lambda_l1, minimum=0, owner=owner)
+        self.incorrect_class_connection = check_float("incorrect_class_connection", incorrect_class_connection,
+                                                      owner=owner)
+        self.warm_epochs, self.joint_epochs = warm_epochs, joint_epochs
+        self.last_layer_epochs, self.push_cycles = last_layer_epochs, push_cycles
+        self.backbone_lr = self.lr if backbone_lr is None else check_float(
+            "backbone_lr", backbone_lr, minimum=0, strict=True, owner=owner)
+        self.last_layer_lr = self.lr if last_layer_lr is None else check_float(
+            "last_layer_lr", last_layer_lr, minimum=0, strict=True, owner=owner)
+        self.push_batch_size, self.explain_samples = push_batch_size, explain_samples
         num_prototypes = num_classes * prototypes_per_class
-        if isinstance(explain_top_k, bool) or not isinstance(explain_top_k, int) or not 1 <= explain_top_k:
-            raise ValueError(f"explain_top_k must be an int >= 1, got {explain_top_k!r}")
         self.explain_top_k = min(explain_top_k, num_prototypes)
 
         if isinstance(backbone, str):
@@ -351,7 +351,7 @@ class ProtoPNet(PrototypePushMixin, PrototypeExplanationMixin, XAIModule):
 
     def stage_of_epoch(self, epoch: int) -> str:
         """The stage of (0-based) ``epoch``; epochs after the schedule are last-layer epochs."""
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, minimum=0, owner="ProtoPNet.stage_of_epoch")
         if epoch < self.warm_epochs:
             return "warm"
         if epoch >= self.schedule_length:

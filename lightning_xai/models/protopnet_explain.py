@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_xai.checks import check_int
 from lightning_xai.models.protopnet_parts import (
     PrototypeExplanation,
-    _check_int,
     _eval_mode,
     log_similarity,
 )
@@ -41,7 +41,7 @@ class PrototypeExplanationMixin:
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != self.in_channels:
             shape = list(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"images must be a tensor [B, {self.in_channels}, H, W], got {shape}")
-        k = self.explain_top_k if top_k is None else _check_int("top_k", top_k, 1)
+        k = self.explain_top_k if top_k is None else check_int("top_k", top_k, minimum=1, owner="ProtoPNet.explain")
         if k > self.num_prototypes:
             raise ValueError(f"top_k must be <= the number of prototypes ({self.num_prototypes}), got {k}")
         with torch.no_grad(), _eval_mode(self):
@@ -149,8 +149,8 @@ class PrototypeExplanationMixin:
         Each crop is resized (nearest neighbour) to ``tile x tile`` pixels; tiles are separated by ``pad`` white
         pixels. Needs pushed prototypes.
         """
-        _check_int("tile", tile, 1)
-        _check_int("pad", pad, 0)
+        check_int("tile", tile, minimum=1, owner="ProtoPNet.prototype_gallery")
+        check_int("pad", pad, minimum=0, owner="ProtoPNet.prototype_gallery")
         if int(self.push_count) == 0:
             raise ValueError("the prototypes have not been pushed yet: there is no gallery")
         m = self.prototypes_per_class

@@ -5,12 +5,10 @@ and explanation records, and the distributed helpers of the push (Chen et al., "
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,22 +135,6 @@ class PrototypeExplanation:
     similarity_maps: Tensor  # [B, k, H, W]
     source_indices: Tensor  # [B, k] long: training-set index of each prototype's source image
     source_boxes: Tensor  # [B, k, 4] long: (top, left, bottom, right) of the source patch
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_number(name: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return float(value)
 
 
 def _distributed() -> tuple[int, int]:

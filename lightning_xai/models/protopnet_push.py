@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_xai.checks import check_int
 from lightning_xai.distributed import broadcast
 from lightning_xai.models.protopnet_parts import (
-    _check_int,
     _distributed,
     _eval_mode,
     _gather,
@@ -53,7 +53,9 @@ class PrototypePushMixin:
             their new values (how far they moved).
         """
         dataset = self._push_dataset(data)
-        batch_size = self.push_batch_size if batch_size is None else _check_int("batch_size", batch_size, 1)
+        if batch_size is not None:
+            check_int("batch_size", batch_size, minimum=1, owner="ProtoPNet.push")
+        batch_size = self.push_batch_size if batch_size is None else batch_size
         if len(dataset) == 0:
             raise ValueError("cannot push onto an empty dataset")
         rank, world = _distributed()
@@ -187,9 +189,7 @@ class PrototypePushMixin:
 
     def source_crop(self, prototype: int) -> tuple[Tensor, Tensor]:
         """The source patch of ``prototype`` from the last push, ``([C, h, w] crop, [1, h, w] similarity map)``."""
-        _check_int("prototype", prototype, 0)
-        if prototype >= self.num_prototypes:
-            raise ValueError(f"prototype must be < {self.num_prototypes}, got {prototype}")
+        check_int("prototype", prototype, minimum=0, maximum=self.num_prototypes - 1, owner="ProtoPNet.source_crop")
         if int(self.push_count) == 0:
             raise ValueError("the prototypes have not been pushed yet: there are no source patches")
         top, left, bottom, right = self.push_box[prototype].tolist()

@@ -54,15 +54,23 @@ Language Models With Dictionary Learning", Transformer Circuits Thread (Anthropi
 * ``l0``: mean number of non-zero latents per vector.
 * ``fvu``: fraction of variance unexplained, *centred*: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (the mean
   over the evaluated set). This is what Gao et al. call "normalized MSE".
+* ``explained_variance``: ``1 - fvu``, the fraction of the (centred) variance the reconstruction explains.
 * ``nmse``: normalised MSE against the zero predictor: ``sum ||x - x_hat||^2 / sum ||x||^2``.
 * ``dead_fraction``: fraction of latents that are zero on every evaluated vector (training: ``train_dead_fraction``
   from the window above).
-* Downstream (on image batches, when an :class:`~lightning_xai.models.activations.ActivationSource` is known): the
-  frozen model's mean cross-entropy and accuracy with the layer's own output (``ce_orig``, ``acc_orig``), with
-  the SAE reconstruction spliced in (``ce_sae``, ``acc_sae``; a forward hook replaces the layer output by
-  ``from_vectors(sae(to_vectors(output)))``) and with the layer zero-ablated (``ce_zero``). ``downstream_score =
-  (ce_zero - ce_sae) / (ce_zero - ce_orig)``: 1 for a perfect reconstruction, 0 for one as bad as zeroing the
-  layer (NaN when ``ce_zero == ce_orig``).
+* Downstream (on image or token batches with class labels, when an
+  :class:`~lightning_xai.models.activations.ActivationSource` is known): the frozen model's mean cross-entropy and
+  accuracy with the layer's own output (``ce_orig``, ``acc_orig``), with the SAE reconstruction spliced in
+  (``ce_sae``, ``acc_sae``; a forward hook replaces the layer output by ``from_vectors(sae(to_vectors(output)))``)
+  and with the layer zero-ablated (``ce_zero``). ``downstream_score = (ce_zero - ce_sae) / (ce_zero - ce_orig)``:
+  1 for a perfect reconstruction, 0 for one as bad as zeroing the
+  layer (NaN when ``ce_zero == ce_orig``): the "loss recovered" of the SAE literature.
+
+**Token models.** With a source of ``spatial="tokens"`` (a transformer's residual stream ``[B, T, D]``, token ids
+as inputs) every real token is one training vector and padding positions are left out of training, metrics and
+the scale; splicing puts the reconstruction back at the real positions only (padding keeps the layer's output)
+and zero-ablation zeroes the real positions only, so ``downstream_score`` measures the model with the SAE in the
+loop. For a sequence classifier the cross-entropy is the classifier's loss on the class labels.
 
 All vectors are in the source's (normalised) space; the source's scale is copied into the buffer
 ``activation_scale`` so that a saved SAE can be applied to raw activations (``x_raw * activation_scale``).
@@ -241,6 +249,11 @@ class SparseAutoencoder(SAEInspection, XAIModule):
         if source is None:
             return
         self._check_source(source)
+        if self.log_top_latents > 0 and source.spatial != "positions":
+            raise ValueError(
+                f"{type(self).__name__}: log_top_latents={self.log_top_latents} logs images per latent and needs an "
+                f"activation source with spatial='positions', got spatial={source.spatial!r}; set log_top_latents=0"
+            )
         if stage != "fit" and source.normalize and bool(self.scale_recorded):
             # evaluate in the very space the SAE was trained in
             source.scale.fill_(float(self.activation_scale))
@@ -410,12 +423,14 @@ class SparseAutoencoder(SAEInspection, XAIModule):
         source = self.source
         labels = b.labels
         if self.downstream and source is not None and b.images is not None and labels is not None:
-            orig = source.model_output(b.images)
+            mask = b.token_mask
+            orig = source.model_output(b.images, attention_mask=mask)
             if orig.ndim == 2 and labels.ndim == 1 and labels.shape[0] == orig.shape[0]:
-                spliced = source.model_output(b.images, replace=self.reconstruct)
-                zeroed = source.model_output(b.images, replace="zero")
+                spliced = source.model_output(b.images, replace=self.reconstruct, attention_mask=mask)
+                zeroed = source.model_output(b.images, replace="zero", attention_mask=mask)
                 getattr(self, f"{stage}_downstream").update(orig, spliced, zeroed, labels)
-        if stage == "val" and b.images is not None and self.log_top_latents > 0:
+        latent_images = source is None or source.spatial == "positions"
+        if stage == "val" and b.images is not None and self.log_top_latents > 0 and latent_images:
             kept = sum(t.shape[0] for t in self._probe)
             if kept < self.probe_images:
                 self._probe.append(b.images[: self.probe_images - kept].detach().cpu())

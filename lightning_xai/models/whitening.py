@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import StopForward, resolve_layer
-from lightning_xai.checks import check_float, check_int
+from lightning_xai.checks import check_choice, check_float, check_int
 from lightning_xai.distributed import rank_and_world_size, sum_over_ranks
 from lightning_xai.evaluation.concepts import auc_matrix
 from lightning_xai.models.cbm_interventions import _loader_from
@@ -44,17 +44,6 @@ WHITENINGS = ("zca", "newton")
 
 
 POOLINGS = ("mean", "max")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    return check_int(name, value, minimum=minimum)
-
-
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = True) -> float:
-    checked = check_float(name, value, minimum=low, strict=low_open)
-    if checked > high:
-        raise ValueError(f"{name} must be a finite number <= {high}, got {value!r}")
-    return checked
 
 
 def _distributed_world() -> int:
@@ -206,26 +195,27 @@ class ConceptWhitening(nn.Module):
         sync_stats: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("num_features", num_features, 1)
-        _check_int("num_concepts", num_concepts, 1)
+        owner = "ConceptWhitening"
+        check_int("num_features", num_features, minimum=1, owner=owner)
+        check_int("num_concepts", num_concepts, minimum=1, owner=owner)
         if num_concepts > num_features:
             raise ValueError(
                 f"num_concepts={num_concepts} concept axes do not fit in a layer of num_features={num_features} "
                 "channels: use at most as many concepts as channels"
             )
-        if whitening not in WHITENINGS:
-            raise ValueError(f"unknown whitening {whitening!r}; valid methods: {list(WHITENINGS)}")
-        if pool not in POOLINGS:
-            raise ValueError(f"unknown pool {pool!r}; valid poolings: {list(POOLINGS)}")
-        _check_int("newton_iterations", newton_iterations, 1)
+        check_choice("whitening", whitening, WHITENINGS, owner=owner)
+        check_choice("pool", pool, POOLINGS, owner=owner)
+        check_int("newton_iterations", newton_iterations, minimum=1, owner=owner)
         self.num_features = num_features
         self.num_concepts = num_concepts
         self.whitening = whitening
         self.newton_iterations = newton_iterations
-        self.eps = _check_number("eps", eps, 0.0)
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        self.eps = check_float("eps", eps, minimum=0, strict=True, owner=owner)
+        # momentum in (0, 1]: 1 keeps only the latest batch's statistics
+        check_float("momentum", momentum, minimum=0, strict=True, owner=owner)
+        self.momentum = check_float("momentum", momentum, maximum=1, owner=owner)
         self.pool = pool
-        self.rotation_step = _check_number("rotation_step", rotation_step, 0.0)
+        self.rotation_step = check_float("rotation_step", rotation_step, minimum=0, strict=True, owner=owner)
         self.sync_stats = bool(sync_stats)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_whitening", torch.eye(num_features))
