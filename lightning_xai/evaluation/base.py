@@ -3,6 +3,8 @@ ranking, and the DDP-correct metric states.
 
 * :func:`heatmap_batch` / :func:`mask_batch` / :func:`check_image_batch`: validation (non-finite values raise,
   naming the samples: a broken explanation or input should be loud, never averaged away);
+* :func:`token_map_batch` / :func:`check_token_batch`: the same for token models - one relevance per token
+  position ``[B, T]``, token ids ``LongTensor[B, T]`` (never cast to float);
 * :func:`descending_ranks`: the pixel order used by every rank-based score;
 * :class:`PerSampleMeanMetric`: a mean of one value per sample with undefined samples excluded and counted;
 * :class:`CurveMetric`: the same, also keeping each sample's perturbation curve;
@@ -31,10 +33,13 @@ __all__ = [
     "CurveMetric",
     "PerSampleMeanMetric",
     "check_image_batch",
+    "check_token_batch",
     "descending_ranks",
     "heatmap_batch",
+    "is_token_batch",
     "mask_batch",
     "sample_keys",
+    "token_map_batch",
 ]
 
 
@@ -79,17 +84,18 @@ def check_image_batch(inputs: Tensor, name: str = "inputs") -> Tensor:
     return inputs
 
 
-def mask_batch(masks: Tensor, heat: Tensor) -> Tensor:
+def mask_batch(masks: Tensor, heat: Tensor, name: str = "masks") -> Tensor:
     """Validate ground-truth ``masks`` against heatmaps ``heat [B, H, W]``; return a bool ``Tensor[B, H, W]``.
 
     Masks are ``[B, 1, H, W]`` or ``[B, H, W]``; bool, integer (non-zero = inside) or floating (``> 0.5``).
+    ``name`` names the argument in errors.
     """
     if not isinstance(masks, Tensor):
-        raise TypeError(f"masks must be a torch.Tensor, got {type(masks).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(masks).__name__}")
     squeezed = masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else masks
     if squeezed.ndim != 3 or squeezed.shape != heat.shape:
         raise ValueError(
-            f"masks of shape {list(masks.shape)} do not match the attribution maps: expected [B, 1, H, W] or "
+            f"{name} of shape {list(masks.shape)} do not match the attribution maps: expected [B, 1, H, W] or "
             f"[B, H, W] with [B, H, W] = {list(heat.shape)}"
         )
     if squeezed.dtype == torch.bool:
@@ -97,11 +103,50 @@ def mask_batch(masks: Tensor, heat: Tensor) -> Tensor:
     elif squeezed.is_floating_point():
         bad = _bad_samples(squeezed)
         if bad:
-            raise ValueError(f"masks contain NaN or inf values (samples {bad})")
+            raise ValueError(f"{name} contain NaN or inf values (samples {bad})")
         out = squeezed > 0.5
     else:
         out = squeezed != 0
     return out.to(heat.device)
+
+
+def token_map_batch(attributions: Tensor, name: str = "attributions") -> Tensor:
+    """Validate token attributions: one signed relevance per token position, ``Tensor[B, T]`` (floating point,
+    non-empty, finite - ``NaN``/``inf`` raise a ``ValueError`` naming the samples). Returned as given."""
+    if not isinstance(attributions, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(attributions).__name__}")
+    if not attributions.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {attributions.dtype}")
+    if attributions.ndim != 2 or attributions.shape[0] == 0 or attributions.shape[1] == 0:
+        raise ValueError(f"token {name} must be a non-empty [B, T] tensor, got shape {list(attributions.shape)}")
+    bad = _bad_samples(attributions)
+    if bad:
+        raise ValueError(f"{name} contain NaN or inf values (samples {bad}); fix the explanation before scoring it")
+    return attributions
+
+
+def is_token_batch(inputs: object) -> bool:
+    """Whether ``inputs`` are token ids: an integer (not bool) tensor ``[B, T]``."""
+    return (
+        isinstance(inputs, Tensor)
+        and inputs.ndim == 2
+        and not inputs.is_floating_point()
+        and not inputs.is_complex()
+        and inputs.dtype != torch.bool
+    )
+
+
+def check_token_batch(inputs: Tensor, name: str = "inputs") -> Tensor:
+    """``inputs`` if it is a non-empty batch of token ids, an integer ``LongTensor[B, T]`` (ids are never cast
+    to float: a perturbation replaces them by other ids)."""
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}")
+    if not is_token_batch(inputs) or inputs.shape[0] == 0 or inputs.shape[1] == 0:
+        raise ValueError(
+            f"{name} must be a non-empty batch of token ids, an integer tensor [B, T], got {inputs.dtype} "
+            f"{list(inputs.shape)}"
+        )
+    return inputs
 
 
 #: Seed of the fixed pseudo-random order that breaks ties in :func:`descending_ranks` (``tie_break="random"``).

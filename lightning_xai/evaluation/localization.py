@@ -10,6 +10,18 @@ counted*, never scored as hits or misses: the functional forms return ``NaN`` fo
 the mean and report how many were skipped in :attr:`PerSampleMeanMetric.num_excluded`. Maps containing ``NaN``
 or ``inf`` raise a ``ValueError`` (a broken explanation should be loud, not averaged away).
 
+**Token models.** Token attributions ``[B, T]`` (one relevance per token position, e.g. of
+``token_saliency`` or ``attention_rollout`` on a text model) are scored against token masks ``[B, T]`` (1 at the
+evidence tokens, e.g. the planted keys of :class:`~lightning_xai.data.tokens.PlantedTokens`) exactly as a
+one-row image: the pointing game's ``tolerance`` is then a distance in tokens. Token maps come with ``valid``
+(below; all ``True`` without padding), which tells them from a single un-batched image map ``[H, W]`` (an
+error).
+
+**Padding.** Every function and metric takes ``valid`` (bool, the shape of the masks; ``False`` = padding): the
+positions outside it take no part - they carry no mass, are never the maximum, are never ranked into the top
+``k``, and do not count in the area that a top-``fraction`` binarisation keeps. A mask position outside
+``valid`` is not evidence. ``valid=None`` (default): every position takes part.
+
 The pieces every metric shares (:func:`heatmap_batch`, :func:`mask_batch`, :class:`PerSampleMeanMetric`) live
 in :mod:`lightning_xai.evaluation.base` and are re-exported here, their historical import path.
 """
@@ -23,7 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai.checks import check_choice, check_int
-from lightning_xai.evaluation.base import PerSampleMeanMetric, descending_ranks, heatmap_batch, mask_batch
+from lightning_xai.evaluation.base import (
+    PerSampleMeanMetric,
+    descending_ranks,
+    heatmap_batch,
+    mask_batch,
+    token_map_batch,
+)
 
 _BINARIZATIONS = ("topk", "otsu")
 
@@ -44,6 +62,37 @@ __all__ = [
 ]
 
 
+
+def _located(attributions: Tensor, masks: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(heat [B, H, W], mask bool [B, H, W], valid bool [B, H, W] or None)`` for image maps, or token maps
+    ``[B, T]`` with masks / ``valid`` ``[B, T]`` seen as one-row images ``[B, 1, T]``; the mask is restricted to
+    the valid positions."""
+    if isinstance(attributions, Tensor) and attributions.ndim == 2:
+        if valid is None:  # a bare [N, M] tensor is ambiguous (one image without a batch?): tokens say so
+            raise ValueError(
+                f"attributions must have shape [B, C, H, W] or [B, H, W], got {list(attributions.shape)}; token maps "
+                "[B, T] are scored with valid= (bool [B, T]: True at the tokens, False at padding)"
+            )
+        heat = token_map_batch(attributions).unsqueeze(1)
+
+        def as_rows(t: Tensor) -> Tensor:
+            return t.unsqueeze(1) if isinstance(t, Tensor) and t.ndim == 2 else t
+
+        masks, valid = as_rows(masks), None if valid is None else as_rows(valid)
+    else:
+        heat = heatmap_batch(attributions)
+    mask = mask_batch(masks, heat)
+    if valid is None:
+        return heat, mask, None
+    keep = mask_batch(valid, heat, name="valid")
+    return heat, mask & keep, keep
+
+
+def _ranked_heat(heat: Tensor, valid: Tensor | None) -> Tensor:
+    """``heat`` with the positions outside ``valid`` set to ``-inf`` (never ranked before a valid position)."""
+    return heat if valid is None else heat.masked_fill(~valid, float("-inf"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Pointing game
 # --------------------------------------------------------------------------------------------------------------
@@ -59,19 +108,21 @@ def _dilate(mask: Tensor, radius: int) -> Tensor:
     return hit.squeeze(1) > 0.5
 
 
-def pointing_game(attributions: Tensor, masks: Tensor, *, tolerance: int = 0) -> Tensor:
+def pointing_game(attributions: Tensor, masks: Tensor, *, tolerance: int = 0, valid: Tensor | None = None) -> Tensor:
     """Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016) per sample.
 
     A *hit* (1.0) when the maximum of the map lies inside the mask dilated by a disc of ``tolerance`` pixels
     (Euclidean distance), a miss (0.0) otherwise. When several pixels share the maximum, **all** of them must
     lie in the dilated mask, so a constant (uninformative) map is not rewarded. Images with an empty mask give
-    ``NaN`` (excluded). Returns ``Tensor[B]`` (float32).
+    ``NaN`` (excluded). The maximum is taken over the ``valid`` positions only (padding never points). Token
+    maps ``[B, T]``: ``tolerance`` is in tokens. Returns ``Tensor[B]`` (float32).
     """
     check_int("tolerance", tolerance, minimum=0, owner="pointing_game")
-    heat = heatmap_batch(attributions)
-    mask = mask_batch(masks, heat)
-    flat = heat.reshape(heat.shape[0], -1)
+    heat, mask, valid = _located(attributions, masks, valid)
+    flat = _ranked_heat(heat, valid).reshape(heat.shape[0], -1)
     is_max = (flat == flat.max(dim=1, keepdim=True).values).view_as(heat)
+    if valid is not None:
+        is_max &= valid
     region = _dilate(mask, tolerance)
     hit = ~(is_max & ~region).flatten(1).any(dim=1)
     empty = ~mask.flatten(1).any(dim=1)
@@ -85,7 +136,8 @@ class PointingGame(PerSampleMeanMetric):
         tolerance: dilation radius of the mask in pixels (Zhang et al. use 15 at 224x224); default 0.
         return_per_sample: :meth:`compute` returns the per-sample hits (``NaN`` for empty masks) instead.
 
-    ``update(attributions, masks)``. Images with an empty mask are excluded and counted in ``num_excluded``.
+    ``update(attributions, masks, valid=None)`` (``valid``: the positions that take part, ``False`` = padding).
+    Images with an empty mask are excluded and counted in ``num_excluded``.
     """
 
     higher_is_better = True
@@ -94,8 +146,8 @@ class PointingGame(PerSampleMeanMetric):
         super().__init__(return_per_sample=return_per_sample, **kwargs)
         self.tolerance = check_int("tolerance", tolerance, minimum=0, owner=type(self).__name__)
 
-    def update(self, attributions: Tensor, masks: Tensor) -> None:
-        self._accumulate(pointing_game(attributions, masks, tolerance=self.tolerance))
+    def update(self, attributions: Tensor, masks: Tensor, valid: Tensor | None = None) -> None:
+        self._accumulate(pointing_game(attributions, masks, tolerance=self.tolerance, valid=valid))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -222,6 +274,7 @@ def mask_iou(
     *,
     binarization: Literal["topk", "otsu"] = "topk",
     fraction: float | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Intersection over union of the binarised map with the mask, per sample: ``Tensor[B]``.
 
@@ -235,24 +288,36 @@ def mask_iou(
     **Ties** at the top-``k`` boundary are scored by their expected value: the IoU averaged over every way of
     choosing the tied pixels (exactly, by the hypergeometric distribution), never by their position. A constant
     map thus scores the IoU of a random selection of ``k`` pixels, wherever the mask lies.
+
+    **Padding** (``valid``): only valid positions are ever kept, ``fraction`` is a fraction of the valid
+    positions, and Otsu's threshold is that of the valid values.
     """
     check_choice("binarization", binarization, _BINARIZATIONS, owner="mask_iou")
     fraction = _check_fraction(fraction, "mask_iou")
-    heat = heatmap_batch(attributions)
-    mask = mask_batch(masks, heat)
+    heat, mask, valid = _located(attributions, masks, valid)
     area = mask.flatten(1).sum(dim=1)
     if binarization == "topk":
-        n = mask[0].numel()
-        k = area if fraction is None else torch.full_like(area, round(fraction * n))
-        inside, tied, tied_inside, draws = _top_k_split(heat, mask, k)
+        n = torch.full_like(area, mask[0].numel()) if valid is None else valid.flatten(1).sum(dim=1)
+        k = area if fraction is None else torch.round(n.double() * fraction).long()
+        inside, tied, tied_inside, draws = _top_k_split(_ranked_heat(heat, valid), mask, k)
         total = (k + area).double().cpu()
 
         def iou_of(i: int, inter: Tensor) -> Tensor:
             return inter / (total[i] - inter).clamp_min(1)
 
         iou = _hypergeometric_mean(iou_of, inside, tied, tied_inside, draws)
-    else:
+    elif valid is None:
         binary = binarize_heatmap(heat, binarization)
+        inter = (binary & mask).flatten(1).sum(dim=1).double()
+        union = (binary | mask).flatten(1).sum(dim=1).double()
+        iou = inter / union.clamp_min(1)
+    else:  # Otsu's threshold of each map's valid values (a few scalars per sample)
+        thresholds = [
+            otsu_threshold(heat[i][valid[i]].view(1, -1))[0] if bool(valid[i].any()) else torch.tensor(0.0)
+            for i in range(heat.shape[0])
+        ]
+        thr = torch.stack(thresholds).to(heat.device).view(-1, *([1] * (heat.ndim - 1)))
+        binary = (heat.double() > thr) & valid
         inter = (binary & mask).flatten(1).sum(dim=1).double()
         union = (binary | mask).flatten(1).sum(dim=1).double()
         iou = inter / union.clamp_min(1)
@@ -267,7 +332,7 @@ class MaskIoU(PerSampleMeanMetric):
         fraction: for ``"topk"``, the fraction of pixels kept; ``None`` (default) = the mask's own area.
         return_per_sample: :meth:`compute` returns per-sample IoUs (``NaN`` for empty masks) instead.
 
-    ``update(attributions, masks)``. Empty masks are excluded and counted in ``num_excluded``.
+    ``update(attributions, masks, valid=None)``. Empty masks are excluded and counted in ``num_excluded``.
     """
 
     higher_is_better = True
@@ -286,8 +351,10 @@ class MaskIoU(PerSampleMeanMetric):
         self.binarization = binarization
         self.fraction = _check_fraction(fraction, type(self).__name__)
 
-    def update(self, attributions: Tensor, masks: Tensor) -> None:
-        self._accumulate(mask_iou(attributions, masks, binarization=self.binarization, fraction=self.fraction))
+    def update(self, attributions: Tensor, masks: Tensor, valid: Tensor | None = None) -> None:
+        self._accumulate(
+            mask_iou(attributions, masks, binarization=self.binarization, fraction=self.fraction, valid=valid)
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -295,16 +362,17 @@ class MaskIoU(PerSampleMeanMetric):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def relevance_mass(attributions: Tensor, masks: Tensor) -> Tensor:
+def relevance_mass(attributions: Tensor, masks: Tensor, *, valid: Tensor | None = None) -> Tensor:
     """Relevance mass accuracy (Arras, Osman & Samek, "CLEVR-XAI", Information Fusion 2022), per sample.
 
     The share of the **positive** relevance that falls inside the mask: ``sum(R+ in mask) / sum(R+)`` in
     [0, 1], with ``R+ = max(R, 0)`` of the channel-summed map. Undefined (``NaN``, excluded) when the mask is
-    empty or the map has no positive relevance.
+    empty or the map has no positive relevance. Only ``valid`` positions carry mass (padding excluded).
     """
-    heat = heatmap_batch(attributions)
-    mask = mask_batch(masks, heat)
+    heat, mask, valid = _located(attributions, masks, valid)
     pos = heat.clamp_min(0).double().flatten(1)
+    if valid is not None:
+        pos = pos * valid.flatten(1)
     total = pos.sum(dim=1)
     inside = (pos * mask.flatten(1)).sum(dim=1)
     undefined = (total <= 0) | ~mask.flatten(1).any(dim=1)
@@ -312,18 +380,18 @@ def relevance_mass(attributions: Tensor, masks: Tensor) -> Tensor:
     return torch.where(undefined, torch.full_like(mass, float("nan")), mass).float()
 
 
-def relevance_rank(attributions: Tensor, masks: Tensor) -> Tensor:
+def relevance_rank(attributions: Tensor, masks: Tensor, *, valid: Tensor | None = None) -> Tensor:
     """Relevance rank accuracy (Arras, Osman & Samek, "CLEVR-XAI", Information Fusion 2022), per sample.
 
     With ``K`` = the number of mask pixels: the fraction of the ``K`` highest-relevance pixels (signed values)
     that lie inside the mask, in [0, 1]. Pixels tied at the top-``K`` boundary count by their expected value
     (each tied pixel is in the top ``K`` with the same probability), never by position: a constant map scores
-    the mask's share of the image, wherever the mask lies. Empty masks give ``NaN`` (excluded).
+    the mask's share of the image, wherever the mask lies. Empty masks give ``NaN`` (excluded). Positions
+    outside ``valid`` are never ranked into the top ``K``.
     """
-    heat = heatmap_batch(attributions)
-    mask = mask_batch(masks, heat)
+    heat, mask, valid = _located(attributions, masks, valid)
     k = mask.flatten(1).sum(dim=1)
-    inside, tied, tied_inside, draws = _top_k_split(heat, mask, k)
+    inside, tied, tied_inside, draws = _top_k_split(_ranked_heat(heat, valid), mask, k)
     expected = inside + draws * tied_inside / tied.clamp_min(1)
     rank = expected / k.clamp_min(1)
     return torch.where(k == 0, torch.full_like(rank, float("nan")), rank).float()
@@ -332,22 +400,23 @@ def relevance_rank(attributions: Tensor, masks: Tensor) -> Tensor:
 class RelevanceMass(PerSampleMeanMetric):
     """Mean relevance mass accuracy (Arras et al., Information Fusion 2022); see :func:`relevance_mass`.
 
-    ``update(attributions, masks)``. Empty masks and maps without positive relevance are excluded and counted.
+    ``update(attributions, masks, valid=None)``. Empty masks and maps without positive relevance are excluded
+    and counted.
     """
 
     higher_is_better = True
 
-    def update(self, attributions: Tensor, masks: Tensor) -> None:
-        self._accumulate(relevance_mass(attributions, masks))
+    def update(self, attributions: Tensor, masks: Tensor, valid: Tensor | None = None) -> None:
+        self._accumulate(relevance_mass(attributions, masks, valid=valid))
 
 
 class RelevanceRank(PerSampleMeanMetric):
     """Mean relevance rank accuracy (Arras et al., Information Fusion 2022); see :func:`relevance_rank`.
 
-    ``update(attributions, masks)``. Empty masks are excluded and counted.
+    ``update(attributions, masks, valid=None)``. Empty masks are excluded and counted.
     """
 
     higher_is_better = True
 
-    def update(self, attributions: Tensor, masks: Tensor) -> None:
-        self._accumulate(relevance_rank(attributions, masks))
+    def update(self, attributions: Tensor, masks: Tensor, valid: Tensor | None = None) -> None:
+        self._accumulate(relevance_rank(attributions, masks, valid=valid))
