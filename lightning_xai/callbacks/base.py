@@ -42,7 +42,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -57,9 +56,8 @@ from lightning_xai.callbacks.records import (
     ConfigurationError,
     ErrorLog,
     ErrorRecord,
+    ResumableState,
     ValidationContext,
-    merge_records,
-    record_key,
 )
 from lightning_xai.callbacks.sources import DataSources
 from lightning_xai.callbacks.targets import ResolvedTargets, TargetSpec
@@ -87,7 +85,7 @@ def _unwrap(model: Any) -> Any:
     return getattr(model, "_orig_mod", model)
 
 
-class XAICallback(DataSources, MethodRunner, RunFiles, Callback):
+class XAICallback(ResumableState, DataSources, MethodRunner, RunFiles, Callback):
     """Base of every lightning_xai callback (see the module docstring for what it owns).
 
     Args:
@@ -208,31 +206,7 @@ class XAICallback(DataSources, MethodRunner, RunFiles, Callback):
         rank_zero_warn(f"{self.name}: {message}")
 
     # ------------------------------------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        state = {field: getattr(self, field) for field in self.state_fields}
-        state["errors"] = [asdict(e) for e in self.errors]
-        if self.probe is not None:
-            state["probe_indices"] = None if self.probe.fixed else self.probe.indices
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.probe is not None and not self.probe.fixed and state_dict.get("probe_indices") is not None:
-            self.probe.indices = list(state_dict["probe_indices"])
-        loaded_errors = [ErrorRecord(**e) if isinstance(e, Mapping) else e for e in state_dict.get("errors", [])]
-        self.errors = ErrorLog(
-            merge_records(loaded_errors, self.errors, key=lambda e: (e.stage, e.step, e.method, e.message))
-        )
-        for field in self.state_fields:
-            if field in state_dict:
-                setattr(self, field, self.merge_state(field, getattr(self, field, None), state_dict[field]))
-
-    def merge_state(self, field: str, current: Any, loaded: Any) -> Any:
-        """How a loaded field combines with the one in memory: lists of records (dicts with ``stage`` and
-        ``step``) are merged by ``(stage, step)`` so that nothing is rolled back; anything else is replaced."""
-        if isinstance(current, list) and isinstance(loaded, list) and current:
-            return merge_records(loaded, current, key=record_key)
-        return loaded
-
+    # state_dict / load_state_dict / merge_state: ResumableState (callbacks/records.py)
     def history_record(self, trainer: Any, **values: Any) -> dict[str, Any]:
         """A history entry keyed by the Trainer's stage, epoch and step."""
         return {"stage": self.stage(trainer), "epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
