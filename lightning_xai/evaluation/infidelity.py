@@ -32,6 +32,12 @@ from lightning_xai.evaluation.scoring import (
 __all__ = ["Infidelity", "MaxSensitivity", "infidelity", "max_sensitivity"]
 
 
+def _num_samples(owner: str, num_samples: int, samples: int | None) -> int:
+    """``num_samples`` checked (>= 1), or the value of its deprecated alias ``samples`` (with a warning)."""
+    num_samples = renamed_argument(owner, "samples", "num_samples", samples, num_samples)
+    return check_int("num_samples", num_samples, minimum=1, owner=owner)
+
+
 def infidelity(
     attributions: Tensor,
     inputs: Tensor,
@@ -63,8 +69,7 @@ def infidelity(
     ``softmax`` defaults to False: gradient-type attributions explain the logit.
     """
     noise_std = positive_float("noise_std", noise_std, owner="infidelity")
-    num_samples = renamed_argument("infidelity", "samples", "num_samples", samples, num_samples)
-    samples = check_int("num_samples", num_samples, minimum=1, owner="infidelity")
+    samples = _num_samples("infidelity", num_samples, samples)
     check_int("batch_size", batch_size, minimum=1, owner="infidelity")
     heat = heat_for(attributions, inputs).double()
     b, _, h, w = inputs.shape
@@ -124,8 +129,7 @@ def max_sensitivity(
     """
     explain = resolve_attributor(attributor)
     radius = positive_float("radius", radius, owner="max_sensitivity")
-    num_samples = renamed_argument("max_sensitivity", "samples", "num_samples", samples, num_samples)
-    samples = check_int("num_samples", num_samples, minimum=1, owner="max_sensitivity")
+    samples = _num_samples("max_sensitivity", num_samples, samples)
     check_int("batch_size", batch_size, minimum=1, owner="max_sensitivity")
     check_image_batch(inputs)
     check_model(model)
@@ -166,113 +170,29 @@ def max_sensitivity(
     return worst.float()
 
 
-class Infidelity(PerSampleMeanMetric):
-    """Mean infidelity (Yeh et al., NeurIPS 2019) under Gaussian pixel perturbations; **lower is better**.
-
-    See :func:`infidelity`. ``update(attributions, inputs, model, target, sample_ids=None)``; pass the images'
-    dataset indices as ``sample_ids`` for results independent of the sharding (see the module docstring).
-
-    Args:
-        noise_std: standard deviation of the perturbation (in input units); default 0.1.
-        num_samples: perturbations per image; default 32 (``samples`` is a deprecated alias).
-        scale: multiply the attribution by its optimal scale first (default True).
-        seed, batch_size, return_per_sample: as for the other metrics; ``softmax`` defaults to False.
-    """
+class _MonteCarloMetric(PerSampleMeanMetric):
+    """What :class:`Infidelity` and :class:`MaxSensitivity` share: ``num_samples`` seeded perturbations per image
+    (seeded by sample identity), evaluated in chunks of ``batch_size``; **lower is better**. A subclass names its
+    functional form (``estimate``) and the settings it adds (``_settings``)."""
 
     higher_is_better = False
+    estimate: staticmethod
+    _settings: tuple[str, ...] = ()
 
     def __init__(
         self,
-        noise_std: float = 0.1,
-        num_samples: int = 32,
-        scale: bool = True,
-        seed: int = 0,
-        batch_size: int = 64,
-        softmax: bool = False,
-        return_per_sample: bool = False,
-        *,
-        samples: int | None = None,
+        num_samples: int,
+        seed: int,
+        batch_size: int,
+        return_per_sample: bool,
+        samples: int | None,
         **kwargs: object,
     ) -> None:
         super().__init__(return_per_sample=return_per_sample, **kwargs)
-        self.noise_std = positive_float("noise_std", noise_std, owner=type(self).__name__)
-        num_samples = renamed_argument(type(self).__name__, "samples", "num_samples", samples, num_samples)
-        self.num_samples = check_int("num_samples", num_samples, minimum=1, owner=type(self).__name__)
-        self.scale = bool(scale)
+        owner = type(self).__name__
+        self.num_samples = _num_samples(owner, num_samples, samples)
         self.seed = int(seed)
-        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=type(self).__name__)
-        self.softmax = bool(softmax)
-
-    @property
-    def samples(self) -> int:
-        """Deprecated name of :attr:`num_samples`."""
-        warnings.warn(f"{type(self).__name__}.samples is deprecated; use num_samples", DeprecationWarning, stacklevel=2)
-        return self.num_samples
-
-    def update(
-        self,
-        attributions: Tensor,
-        inputs: Tensor,
-        model: nn.Module,
-        target: Target,
-        sample_ids: Tensor | None = None,
-    ) -> None:
-        self._accumulate(
-            infidelity(
-                attributions,
-                inputs,
-                model,
-                target,
-                noise_std=self.noise_std,
-                num_samples=self.num_samples,
-                scale=self.scale,
-                seed=self.seed,
-                batch_size=self.batch_size,
-                softmax=self.softmax,
-                sample_ids=self._sample_keys(inputs.shape[0], sample_ids),
-            )
-        )
-
-
-class MaxSensitivity(PerSampleMeanMetric):
-    """Mean max-sensitivity (Yeh et al., NeurIPS 2019) of an attributor; **lower is better**.
-
-    See :func:`max_sensitivity`. ``update(attributions_or_None, inputs, model, target, sample_ids=None)``: pass
-    ``sample_ids`` as for :class:`Infidelity`, and the maps
-    already computed for ``inputs`` (or ``None`` to compute them). Samples whose map is all zero are excluded
-    and counted (their relative sensitivity is undefined).
-
-    Args:
-        attributor: an Attributor, a registered name / dict, or a callable ``(model, inputs, target) -> maps``.
-        radius: half-width of the L-infinity ball of perturbations (input units); default 0.02.
-        num_samples: perturbations per image; default 10 (``samples`` is a deprecated alias).
-        normalize: divide by ``||phi(x)||`` (default True).
-        seed, batch_size (perturbed images per attributor call), return_per_sample.
-    """
-
-    higher_is_better = False
-
-    def __init__(
-        self,
-        attributor: AttributorSpec,
-        radius: float = 0.02,
-        num_samples: int = 10,
-        normalize: bool = True,
-        seed: int = 0,
-        batch_size: int = 32,
-        return_per_sample: bool = False,
-        *,
-        samples: int | None = None,
-        **kwargs: object,
-    ) -> None:
-        super().__init__(return_per_sample=return_per_sample, **kwargs)
-        self.attributor = resolve_attributor(attributor)
-        self.radius = positive_float("radius", radius, owner=type(self).__name__)
-        num_samples = renamed_argument(type(self).__name__, "samples", "num_samples", samples, num_samples)
-        self.num_samples = check_int("num_samples", num_samples, minimum=1, owner=type(self).__name__)
-        self.normalize = bool(normalize)
-        self.seed = int(seed)
-        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=type(self).__name__)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
 
     @property
     def samples(self) -> int:
@@ -288,18 +208,90 @@ class MaxSensitivity(PerSampleMeanMetric):
         target: Target,
         sample_ids: Tensor | None = None,
     ) -> None:
+        settings = {name: getattr(self, name) for name in self._settings}
         self._accumulate(
-            max_sensitivity(
+            type(self).estimate(
                 attributions,
                 inputs,
                 model,
                 target,
-                self.attributor,
-                radius=self.radius,
+                **settings,
                 num_samples=self.num_samples,
-                normalize=self.normalize,
                 seed=self.seed,
                 batch_size=self.batch_size,
                 sample_ids=self._sample_keys(inputs.shape[0], sample_ids),
             )
         )
+
+
+class Infidelity(_MonteCarloMetric):
+    """Mean infidelity (Yeh et al., NeurIPS 2019) under Gaussian pixel perturbations; **lower is better**.
+
+    See :func:`infidelity`. ``update(attributions, inputs, model, target, sample_ids=None)``; pass the images'
+    dataset indices as ``sample_ids`` for results independent of the sharding (see the module docstring).
+
+    Args:
+        noise_std: standard deviation of the perturbation (in input units); default 0.1.
+        num_samples: perturbations per image; default 32 (``samples`` is a deprecated alias).
+        scale: multiply the attribution by its optimal scale first (default True).
+        seed, batch_size, return_per_sample: as for the other metrics; ``softmax`` defaults to False.
+    """
+
+    estimate = staticmethod(infidelity)
+    _settings = ("noise_std", "scale", "softmax")
+
+    def __init__(
+        self,
+        noise_std: float = 0.1,
+        num_samples: int = 32,
+        scale: bool = True,
+        seed: int = 0,
+        batch_size: int = 64,
+        softmax: bool = False,
+        return_per_sample: bool = False,
+        *,
+        samples: int | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(num_samples, seed, batch_size, return_per_sample, samples, **kwargs)
+        self.noise_std = positive_float("noise_std", noise_std, owner=type(self).__name__)
+        self.scale = bool(scale)
+        self.softmax = bool(softmax)
+
+
+class MaxSensitivity(_MonteCarloMetric):
+    """Mean max-sensitivity (Yeh et al., NeurIPS 2019) of an attributor; **lower is better**.
+
+    See :func:`max_sensitivity`. ``update(attributions_or_None, inputs, model, target, sample_ids=None)``: pass
+    ``sample_ids`` as for :class:`Infidelity`, and the maps
+    already computed for ``inputs`` (or ``None`` to compute them). Samples whose map is all zero are excluded
+    and counted (their relative sensitivity is undefined).
+
+    Args:
+        attributor: an Attributor, a registered name / dict, or a callable ``(model, inputs, target) -> maps``.
+        radius: half-width of the L-infinity ball of perturbations (input units); default 0.02.
+        num_samples: perturbations per image; default 10 (``samples`` is a deprecated alias).
+        normalize: divide by ``||phi(x)||`` (default True).
+        seed, batch_size (perturbed images per attributor call), return_per_sample.
+    """
+
+    estimate = staticmethod(max_sensitivity)
+    _settings = ("attributor", "radius", "normalize")
+
+    def __init__(
+        self,
+        attributor: AttributorSpec,
+        radius: float = 0.02,
+        num_samples: int = 10,
+        normalize: bool = True,
+        seed: int = 0,
+        batch_size: int = 32,
+        return_per_sample: bool = False,
+        *,
+        samples: int | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(num_samples, seed, batch_size, return_per_sample, samples, **kwargs)
+        self.attributor = resolve_attributor(attributor)
+        self.radius = positive_float("radius", radius, owner=type(self).__name__)
+        self.normalize = bool(normalize)
