@@ -27,6 +27,7 @@ from lightning_xai.evaluation.scoring import (
     sample_keys_for,
     score_pairs,
     seeded_noise,
+    settings_of,
 )
 
 __all__ = ["Infidelity", "MaxSensitivity", "infidelity", "max_sensitivity"]
@@ -208,20 +209,9 @@ class _MonteCarloMetric(PerSampleMeanMetric):
         target: Target,
         sample_ids: Tensor | None = None,
     ) -> None:
-        settings = {name: getattr(self, name) for name in self._settings}
-        self._accumulate(
-            type(self).estimate(
-                attributions,
-                inputs,
-                model,
-                target,
-                **settings,
-                num_samples=self.num_samples,
-                seed=self.seed,
-                batch_size=self.batch_size,
-                sample_ids=self._sample_keys(inputs.shape[0], sample_ids),
-            )
-        )
+        settings = settings_of(self, ("num_samples", "seed", "batch_size", *self._settings))
+        keys = self._sample_keys(inputs.shape[0], sample_ids)
+        self._accumulate(type(self).estimate(attributions, inputs, model, target, **settings, sample_ids=keys))
 
 
 class Infidelity(_MonteCarloMetric):

@@ -24,12 +24,17 @@ from lightning_xai.evaluation.scoring import (
     rows_of,
     sample_keys_for,
     score_pairs,
+    settings_of,
 )
 
 __all__ = ["AOPC", "aopc", "region_perturbation_curve"]
 
 
 _ORDERS = ("morf", "lerf")
+#: The settings of :class:`AOPC` that are keyword arguments of :func:`region_perturbation_curve`.
+_CURVE_SETTINGS = (
+    "region_size", "steps", "order", "perturbation", "noise_range", "seed", "batch_size", "softmax"
+)
 
 
 def _check_region_args(
@@ -198,20 +203,8 @@ class AOPC(CurveMetric):
         sample_ids: Tensor | None = None,
     ) -> None:
         heat = heatmap_batch(attributions)
-        scores = region_perturbation_curve(
-            attributions,
-            inputs,
-            model,
-            target,
-            region_size=self.region_size,
-            steps=self.steps,
-            order=self.order,
-            perturbation=self.perturbation,
-            noise_range=self.noise_range,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            softmax=self.softmax,
-            sample_ids=self._sample_keys(heat.shape[0], sample_ids),
-        )
+        settings = settings_of(self, _CURVE_SETTINGS)
+        keys = self._sample_keys(heat.shape[0], sample_ids)
+        scores = region_perturbation_curve(attributions, inputs, model, target, **settings, sample_ids=keys)
         axis = torch.arange(scores.shape[1], dtype=torch.float32)
         self._record(axis, scores, _area_over(scores, heat))

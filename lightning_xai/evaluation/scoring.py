@@ -13,7 +13,8 @@ A non-finite model score is an error naming the samples, never a plausible numbe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,7 @@ __all__ = [
     "resolve_attributor",
     "score_pairs",
     "seeded_noise",
+    "settings_of",
 ]
 
 #: The attributor MaxSensitivity and the sanity checks re-run: an Attributor, a registered name / dict, or any
@@ -248,3 +250,9 @@ def sample_keys_for(num: int, sample_ids: Tensor | None, sample_offset: int) -> 
     from lightning_xai.evaluation.base import sample_keys
 
     return sample_keys(num, sample_ids, sample_offset, 0, 1)
+
+
+def settings_of(metric: object, names: Sequence[str]) -> dict[str, Any]:
+    """A metric's settings ``names`` (its attributes) as keyword arguments for its functional form, read at each
+    ``update`` so that the class and the function can never disagree on what a setting is called."""
+    return {name: getattr(metric, name) for name in names}
