@@ -8,7 +8,8 @@ signature introspection):
 * ``baseline``: the value that replaces removed input (formerly ``fill``).
 
 Old keyword names keep working for one deprecation period: :func:`renamed_arguments` maps them to the new ones
-and warns with a :class:`DeprecationWarning`; :func:`renamed_attribute` does the same for reading the attribute.
+and warns with a :class:`DeprecationWarning`; :func:`renamed_attribute` does the same for reading the attribute;
+the class decorator :func:`renamed` does both for a class.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["DEPRECATED_NAMES", "renamed_arguments", "renamed_attribute"]
+__all__ = ["DEPRECATED_NAMES", "renamed", "renamed_arguments", "renamed_attribute"]
 
 #: Argument names that the vocabulary replaced, with their replacement.
 DEPRECATED_NAMES: dict[str, str] = {
@@ -29,6 +30,7 @@ DEPRECATED_NAMES: dict[str, str] = {
 }
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_C = TypeVar("_C", bound=type)
 
 
 def renamed_arguments(**renames: str) -> Callable[[_F], _F]:
@@ -80,3 +82,16 @@ def renamed_attribute(old: str, new: str) -> property:
         return getattr(self, new)
 
     return property(fget, doc=f"Deprecated alias of ``{new}``.")
+
+
+def renamed(**renames: str) -> Callable[[_C], _C]:
+    """Class decorator: the old names ``renames`` (``old="new"``) keep working as keywords of the class's own
+    ``__init__`` (:func:`renamed_arguments`) and as read-only attributes (:func:`renamed_attribute`)."""
+
+    def decorate(cls: _C) -> _C:
+        cls.__init__ = renamed_arguments(**renames)(cls.__dict__["__init__"])  # type: ignore[misc]
+        for old, new in renames.items():
+            setattr(cls, old, renamed_attribute(old, new))
+        return cls
+
+    return decorate

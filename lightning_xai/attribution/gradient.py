@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.arguments import renamed_arguments, renamed_attribute
+from lightning_xai.attribution.arguments import renamed
 from lightning_xai.attribution.base import (
     Attributor,
     Target,
@@ -280,6 +280,7 @@ class IntegratedGradients(Attributor):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@renamed(samples="num_samples")
 class SmoothGrad(Attributor):
     """Average of a gradient attribution over noisy copies of the input.
 
@@ -314,9 +315,6 @@ class SmoothGrad(Attributor):
 
     name = "smoothgrad"
 
-    samples = renamed_attribute("samples", "num_samples")
-
-    @renamed_arguments(samples="num_samples")
     def __init__(
         self,
         base: Attributor | str | dict | None = None,

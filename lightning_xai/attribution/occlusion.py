@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.arguments import renamed_arguments, renamed_attribute
+from lightning_xai.attribution.arguments import renamed
 from lightning_xai.attribution.base import Attributor, Target
 from lightning_xai.attribution.perturbing import (
     all_scores,
@@ -24,6 +24,7 @@ from lightning_xai.checks import check_float, check_int
 __all__ = ["Occlusion"]
 
 
+@renamed(fill="baseline")
 class Occlusion(Attributor):
     """Occlusion sensitivity (Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks",
     ECCV 2014): slide a window over the image, replace it by ``baseline`` and record the drop of the score.
@@ -46,9 +47,6 @@ class Occlusion(Attributor):
     name = "occlusion"
     requires_image = True
 
-    fill = renamed_attribute("fill", "baseline")
-
-    @renamed_arguments(fill="baseline")
     def __init__(
         self,
         window: int | tuple[int, int] = 16,

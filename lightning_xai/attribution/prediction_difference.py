@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.attribution.arguments import renamed_arguments, renamed_attribute
+from lightning_xai.attribution.arguments import renamed
 from lightning_xai.attribution.base import (
     Attributor,
     Target,
@@ -61,6 +61,7 @@ def _log_odds_parts(output: Tensor, target: Target) -> Tensor:
     return torch.stack([log_p, log_q], 1)
 
 
+@renamed(n_samples="num_samples")
 class PredictionDifference(Attributor):
     """Prediction difference analysis (Zintgraf, Cohen, Adel & Welling, "Visualizing Deep Neural Network
     Decisions: Prediction Difference Analysis", ICLR 2017).
@@ -112,9 +113,6 @@ class PredictionDifference(Attributor):
     name = "prediction_difference"
     requires_image = True
 
-    n_samples = renamed_attribute("n_samples", "num_samples")
-
-    @renamed_arguments(n_samples="num_samples")
     def __init__(
         self,
         window: int | tuple[int, int] = 4,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.attribution.arguments import renamed_arguments, renamed_attribute
+from lightning_xai.attribution.arguments import renamed
 from lightning_xai.attribution.base import Attributor, Target
 from lightning_xai.attribution.perturbing import check_fits, check_pair, check_seed, chunked_scores, generator
 from lightning_xai.checks import check_float, check_int
@@ -16,6 +16,7 @@ from lightning_xai.checks import check_float, check_int
 __all__ = ["RISE"]
 
 
+@renamed(n_masks="num_samples")
 class RISE(Attributor):
     """RISE: Randomized Input Sampling for Explanation (Petsiuk, Das & Saenko, BMVC 2018).
 
@@ -45,9 +46,6 @@ class RISE(Attributor):
     name = "rise"
     requires_image = True
 
-    n_masks = renamed_attribute("n_masks", "num_samples")
-
-    @renamed_arguments(n_masks="num_samples")
     def __init__(
         self,
         num_samples: int = 2000,

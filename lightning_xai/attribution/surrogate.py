@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.arguments import renamed_arguments, renamed_attribute
+from lightning_xai.attribution.arguments import renamed
 from lightning_xai.attribution.base import (
     Attributor,
     Target,
@@ -139,6 +139,7 @@ def _random_subsets(sizes: Tensor, n_features: int, generator: torch.Generator) 
     return ranks < sizes[:, None]
 
 
+@renamed(n_samples="num_samples", fill="baseline")
 class LIME(_SegmentSurrogate):
     """LIME: Local Interpretable Model-agnostic Explanations (Ribeiro, Singh & Guestrin, KDD 2016), over segments.
 
@@ -170,10 +171,6 @@ class LIME(_SegmentSurrogate):
 
     name = "lime"
 
-    n_samples = renamed_attribute("n_samples", "num_samples")
-    fill = renamed_attribute("fill", "baseline")
-
-    @renamed_arguments(n_samples="num_samples", fill="baseline")
     def __init__(
         self,
         num_samples: int = 256,
@@ -221,6 +218,7 @@ class LIME(_SegmentSurrogate):
         return values, intercept
 
 
+@renamed(n_samples="num_samples", fill="baseline")
 class KernelSHAP(_SegmentSurrogate):
     """KernelSHAP (Lundberg & Lee, "A Unified Approach to Interpreting Model Predictions", NeurIPS 2017) over
     segments: Shapley values of the game ``v(S) = f(x with the segments outside S replaced by baseline)``.
@@ -247,10 +245,6 @@ class KernelSHAP(_SegmentSurrogate):
 
     name = "kernel_shap"
 
-    n_samples = renamed_attribute("n_samples", "num_samples")
-    fill = renamed_attribute("fill", "baseline")
-
-    @renamed_arguments(n_samples="num_samples", fill="baseline")
     def __init__(
         self,
         num_samples: int = 256,
