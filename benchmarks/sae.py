@@ -3,6 +3,7 @@
     python benchmarks/sae.py                    # d_in 512, 8x expansion, batch 4096, 20 timed steps
     python benchmarks/sae.py --quick            # batch 1024, 6 timed steps, smaller recovery run
     python benchmarks/sae.py --output sae.md    # also write the markdown tables to a file
+    python benchmarks/sae.py --tokens           # only the token-model rows (below)
 
 **Throughput.** Activation vectors per second of a full ``Trainer.fit`` training step (data loading from an
 activation cache memory map, forward, loss, backward, the decoder's parallel-gradient removal, Adam, the unit-norm
@@ -21,6 +22,15 @@ after the layer, and without stopping) against a plain ``model(x)`` under ``no_g
 0.03 (sae_lens.synthetic style): mean and minimum over the true directions of the best cosine similarity with a
 decoder column (target: mean >= 0.9).
 
+**Token models.** A :class:`~lightning_xai.models.transformers.TextTransformer` (width 32 / 64, 2 blocks) is
+trained on :class:`~lightning_xai.data.tokens.PlantedTokens` with variable lengths (a quarter of the positions
+are padding), then a TopK SAE (8x expansion) is trained with ``Trainer.fit`` on its residual stream after the last
+block (``spatial="tokens"``: one row per real token, cached on disk, normalised). Reported on the test split: rows
+(real tokens) against all positions, explained variance (``1 - fvu``), L0, dead fraction, the classifier's
+cross-entropy clean / with the reconstruction spliced in / with the layer zero-ablated and the loss recovered
+``(ce_zero - ce_sae) / (ce_zero - ce_orig)``; the time ratios are the token extraction (with its padding mask)
+against a plain forward pass, and the SAE's whole fit (caching included) against the frozen model's training.
+
 Machines are noisy (a shared CPU changes every number); quote ratios from one run.
 """
 
@@ -38,9 +48,16 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_xai.models.activations import ActivationCache, ActivationSource, CachedActivationBatches
+from lightning_xai.data.tokens import PAD_TOKEN, PlantedTokens, PlantedTokensDataModule
+from lightning_xai.models.activations import (
+    ActivationCache,
+    ActivationDataModule,
+    ActivationSource,
+    CachedActivationBatches,
+)
 from lightning_xai.models.backbones import SmallCNN, build_backbone
 from lightning_xai.models.sae import ReLUSAEConfig, SAEConfig, SparseAutoencoder, TopKSAEConfig, build_sae
+from lightning_xai.models.transformers import TextTransformer
 from lightning_xai.namespace import pl
 
 warnings.filterwarnings("ignore")
@@ -191,6 +208,88 @@ def recovery(config: SAEConfig, num_features: int, n: int, epochs: int, lr: floa
     return float(best.mean()), float(best.min()), time.perf_counter() - start
 
 
+# ---------------------------------------------------------------------------------------------------------- tokens
+TOKEN_DATA = dict(seq_len=32, min_length=16, vocab_size=64, keys_per_class=4)
+
+
+def train_text_model(dim: int, n_train: int, epochs: int) -> tuple[TextTransformer, float]:
+    """A TextTransformer fitted to PlantedTokens with a bare loop; returns it (eval mode) and the seconds."""
+    torch.manual_seed(0)
+    data = PlantedTokens(size=n_train, seed=1, **TOKEN_DATA)
+    model = TextTransformer(data.vocab_size, data.num_classes, max_len=data.seq_len, dim=dim, mlp_dim=2 * dim)
+    optimizer = torch.optim.AdamW(model.parameters(), 3e-3)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(n_train)
+        for i in range(0, n_train, 64):
+            index = order[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(data.tokens[index]), data.labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval(), time.perf_counter() - start
+
+
+def token_row(dim: int, quick: bool) -> str:
+    n_train = 1000 if quick else 4000
+    model, model_seconds = train_text_model(dim, n_train, 4 if quick else 6)
+    layer = f"blocks.{len(model.blocks) - 1}"
+    datamodule = PlantedTokensDataModule(n_train=n_train, n_val=256, n_test=512, batch_size=64, **TOKEN_DATA)
+    test = datamodule.make_dataset("test")
+    # extraction (stopping after the layer, padding mask included) against a plain forward pass
+    source = ActivationSource(model, layer, spatial="tokens")
+    x = test.tokens[:256]
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(x)
+
+    extraction = median_time(lambda: source(x), 10) / median_time(plain, 10)
+    with tempfile.TemporaryDirectory() as directory:
+        pl.seed_everything(0)
+        data = ActivationDataModule(
+            datamodule, model, layer, spatial="tokens", normalize=True, cache_dir=directory, batch_size=1024
+        )
+        module = SparseAutoencoder(TopKSAEConfig(d_in=dim, d_sae=8 * dim, k=8), lr=3e-3)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=4 if quick else 8,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        start = time.perf_counter()
+        trainer.fit(module, data)
+        fit_seconds = time.perf_counter() - start
+        m = {k: float(v) for k, v in trainer.test(module, data, verbose=False)[0].items()}
+    real = int((test.tokens != PAD_TOKEN).sum()) + len(test)  # + the class token of every sequence
+    positions = test.tokens.numel() + len(test)
+    return (
+        f"| dim {dim}, {layer} | {real} / {positions} | {m['test_explained_variance']:.3f} | {m['test_l0']:.1f} | "
+        f"{m['test_dead_fraction']:.3f} | {m['test_ce_orig']:.3f} / {m['test_ce_sae']:.3f} / {m['test_ce_zero']:.3f} "
+        f"| {m['test_downstream_score']:.3f} | {extraction:.2f} | {fit_seconds:.1f} / {model_seconds:.1f} = "
+        f"{fit_seconds / model_seconds:.1f} |"
+    )
+
+
+def token_rows(quick: bool) -> list[str]:
+    header = [
+        "",
+        "| token model, layer | rows / positions (test) | explained variance | L0 (k=8) | dead fraction | "
+        "CE clean / SAE / zero | loss recovered | extraction / forward | SAE fit s / model fit s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(header), flush=True)
+    lines = list(header)
+    for dim in (32,) if quick else (32, 64):
+        row = token_row(dim, quick)
+        lines.append(row)
+        print(row, flush=True)
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -199,10 +298,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed training steps (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--output", default=None, help="also write the markdown tables to this file")
+    parser.add_argument("--tokens", action="store_true", help="only the token-model rows")
     args = parser.parse_args(argv)
     batch = args.batch or (1024 if args.quick else 4096)
     steps = args.steps or (6 if args.quick else 20)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+    if args.tokens:
+        lines = [f"SAE on token models: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"]
+        print(lines[0], flush=True)
+        lines += token_rows(args.quick)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     d_in, d_sae = 512, 8 * 512
     lines = [
         f"SAE benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, batch {batch} vectors, "
@@ -278,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         row = f"| {label} | {mean:.3f} ({'yes' if mean >= 0.9 else 'NO'}) | {minimum:.3f} | {seconds:.1f} |"
         lines.append(row)
         print(row, flush=True)
+    lines += token_rows(args.quick)
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")

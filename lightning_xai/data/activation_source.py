@@ -3,7 +3,20 @@
 See :mod:`lightning_xai.data.activations` for the overview (source, on-disk cache, datamodule). This module holds
 :class:`ActivationSource` (a frozen model and a layer named by dotted path, read in eval mode under ``no_grad``,
 turned into vectors by ``spatial``), :class:`ActivationBatch` and the helpers the post-hoc modules use to read
-batches. Formerly part of ``lightning_xai.models.activations``, which re-exports every name.
+batches.
+
+**Token models** (``spatial="tokens"``): a layer of a transformer that emits the residual stream ``[B, T, D]`` for
+integer token ids ``[B, T_in]`` gives one ``D``-vector per *non-padding* position, ``[N, D]`` with ``N`` the number
+of real tokens (sequence-major, then position order), as the sparse autoencoders on language models of Cunningham
+et al. (ICLR 2024) and Bricken et al. (2023) are trained. Padding is the ``pad_token`` id of the inputs (default:
+the model's own ``pad_token`` attribute, e.g. :class:`~lightning_xai.models.transformers.TextTransformer`'s) and/or
+an ``attention_mask`` (1 = real token) of a dict batch. A layer may emit more positions than there are input
+tokens (a class token the model prepends): the ``T - T_in`` extra positions are taken as *leading* and real.
+Padding positions are left out of the training rows, the metrics and the scale estimate; when a reconstruction is
+spliced back (:meth:`ActivationSource.splice`, :meth:`ActivationSource.model_output`) they keep the layer's own
+output, and zero-ablation zeroes the real positions only, so the downstream figures compare like with like.
+
+Formerly part of ``lightning_xai.models.activations``, which re-exports every name.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ __all__ = [
 ]
 
 
-SPATIAL_MODES = ("positions", "flatten", "pool", "maps")
+SPATIAL_MODES = ("positions", "flatten", "pool", "maps", "tokens")
 
 
 CACHE_DTYPES = ("float32", "float16")
@@ -103,8 +116,10 @@ class ActivationSource(nn.Module):
             :meth:`estimate_scale`; until then it is 1).
         weights: optional path of a state dict / Lightning checkpoint loaded into ``model`` (:func:`load_weights`).
         stop_at_layer: end the forward pass after the layer (learned on the first batch: how often it is called).
+        pad_token: ``spatial="tokens"`` only: the padding id of the token inputs; ``None`` uses the ``pad_token``
+            attribute of the model (or of its first submodule that has one), else nothing is padding.
 
-    ``source(images)`` returns the (scaled) vectors, detached; :meth:`layer_output` the raw layer output.
+    ``source(inputs)`` returns the (scaled) vectors, detached; :meth:`layer_output` the raw layer output.
     """
 
     def __init__(
@@ -115,6 +130,7 @@ class ActivationSource(nn.Module):
         normalize: bool = False,
         weights: str | None = None,
         stop_at_layer: bool = True,
+        pad_token: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -122,6 +138,14 @@ class ActivationSource(nn.Module):
         check_choice("spatial mode", spatial, SPATIAL_MODES, owner="ActivationSource")
         check_bool("normalize", normalize, owner="ActivationSource")
         check_bool("stop_at_layer", stop_at_layer, owner="ActivationSource")
+        if pad_token is not None:
+            check_int("pad_token", pad_token, minimum=0, owner="ActivationSource")
+            if spatial != "tokens":
+                raise ValueError(
+                    f"ActivationSource: pad_token={pad_token} is used by spatial='tokens' only, got spatial={spatial!r}"
+                )
+        elif spatial == "tokens":
+            pad_token = _model_pad_token(model)
         if weights is not None:
             load_weights(model, weights)
         self.layer, _ = resolve_layer(model, layer)
@@ -129,14 +153,17 @@ class ActivationSource(nn.Module):
         self.spatial = spatial
         self.normalize = normalize
         self.stop_at_layer = stop_at_layer
+        self.pad_token = pad_token
         #: Multiplies every vector (1 until :meth:`estimate_scale`, always 1 without ``normalize``).
         self.register_buffer("scale", torch.ones((), dtype=torch.float32))
         self.register_buffer("scale_estimated", torch.zeros((), dtype=torch.bool))
         self._calls: int | None = None  # calls of the layer per forward pass, learned on the first batch
-        self._layer_shape: tuple[int, ...] | None = None  # [C, h, w] or [D] of the last batch
+        self._layer_shape: tuple[int, ...] | None = None  # [C, h, w], [T, D] or [D] of the last batch
+        self._extra_positions: int | None = None  # tokens: layer positions beyond the input tokens (a class token)
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer!r}, spatial={self.spatial!r}, normalize={self.normalize}"
+        pad = f", pad_token={self.pad_token}" if self.spatial == "tokens" else ""
+        return f"layer={self.layer!r}, spatial={self.spatial!r}, normalize={self.normalize}{pad}"
 
     def train(self, mode: bool = True) -> ActivationSource:
         """Only this wrapper's flag changes: the frozen model's modes are its own (extraction runs in eval)."""
@@ -149,14 +176,13 @@ class ActivationSource(nn.Module):
 
     # ------------------------------------------------------------------------------------------ reading
     def layer_output(self, images: Tensor) -> Tensor:
-        """The layer's raw output for ``images`` (moved to the model's device), detached.
+        """The layer's raw output for ``images`` (token ids ``[B, T_in]`` for ``spatial="tokens"``; moved to the
+        model's device, ids keep their integer dtype), detached.
 
         Eval mode, ``no_grad``; the model's modes, ``requires_grad`` and ``.grad`` are restored and the hooks
         removed afterwards, also on error.
         """
-        if not isinstance(images, Tensor) or not images.is_floating_point():
-            got = images.dtype if isinstance(images, Tensor) else type(images).__name__
-            raise TypeError(f"images must be a floating-point tensor [B, C, H, W], got {got}")
+        self._check_inputs(images)
         images = images.to(_model_device(self.model))
         stop_early = self.stop_at_layer and self._calls is not None
         with (
@@ -174,12 +200,90 @@ class ActivationSource(nn.Module):
                 f"layer {self.layer!r} outputs shape {list(activation.shape)}; expected [B, C, ...] with "
                 f"B = {images.shape[0]}"
             )
+        if self.spatial == "tokens":
+            self._check_token_output(images, activation)
+            self._extra_positions = activation.shape[1] - images.shape[1] if images.ndim == 2 else 0
         self._layer_shape = tuple(activation.shape[1:])
         return activation.detach()
 
-    def to_vectors(self, activation: Tensor, *, scaled: bool = True) -> Tensor:
-        """Raw layer output ``[B, C, ...]`` -> training vectors of the ``spatial`` mode (times ``scale``)."""
-        if activation.ndim == 2:
+    def _check_inputs(self, inputs: object) -> None:
+        if self.spatial == "tokens":
+            if not isinstance(inputs, Tensor) or inputs.is_floating_point() or inputs.is_complex():
+                got = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
+                raise TypeError(f"ActivationSource: spatial='tokens' reads integer token ids [B, T], got {got}")
+            return
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+            got = inputs.dtype if isinstance(inputs, Tensor) else type(inputs).__name__
+            hint = " (token ids need spatial='tokens')" if isinstance(inputs, Tensor) else ""
+            raise TypeError(f"images must be a floating-point tensor [B, C, H, W], got {got}{hint}")
+
+    def _check_token_output(self, inputs: Tensor, activation: Tensor) -> None:
+        if activation.ndim != 3:
+            emitting = _layers_with_token_outputs(self.model, inputs[:1])
+            raise ValueError(
+                f"ActivationSource: spatial='tokens' needs a layer that outputs [B, T, D]; layer {self.layer!r} "
+                f"({type(resolve_layer(self.model, self.layer)[1]).__name__}) outputs {list(activation.shape)}. "
+                f"Layers of this model with [B, T, D] outputs: {emitting[:20]}; for other outputs use spatial in "
+                f"{[m for m in SPATIAL_MODES if m != 'tokens']}"
+            )
+        if inputs.ndim == 2 and activation.shape[1] < inputs.shape[1]:
+            raise ValueError(
+                f"ActivationSource: layer {self.layer!r} outputs {activation.shape[1]} positions for "
+                f"{inputs.shape[1]} input tokens; spatial='tokens' needs one position per token (plus leading "
+                "extra positions such as a class token)"
+            )
+
+    # ------------------------------------------------------------------------------------------ tokens
+    def token_mask(self, inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor | None:
+        """``BoolTensor[B, T_in]``, True at the real (non-padding) tokens of ``inputs`` (``pad_token`` and
+        ``attention_mask``, 1 = real, combined); ``None`` when nothing marks padding or not ``spatial="tokens"``."""
+        if self.spatial != "tokens":
+            return None
+        mask = None if self.pad_token is None else inputs != self.pad_token
+        if attention_mask is not None:
+            if attention_mask.shape != inputs.shape:
+                raise ValueError(
+                    f"ActivationSource: attention_mask has shape {list(attention_mask.shape)}, the token ids "
+                    f"{list(inputs.shape)}"
+                )
+            keep = attention_mask.to(inputs.device).bool()
+            mask = keep if mask is None else mask & keep
+        return mask
+
+    def _row_mask(self, mask: Tensor, activation: Tensor) -> Tensor:
+        """Input-token mask ``[B, T_in]`` -> layer-position mask ``[B, T]`` (leading extra positions are real)."""
+        extra = activation.shape[1] - mask.shape[1]
+        if extra < 0 or mask.shape[0] != activation.shape[0]:
+            raise ValueError(
+                f"ActivationSource: a token mask {list(mask.shape)} does not fit the layer output "
+                f"{list(activation.shape)}"
+            )
+        mask = mask.to(activation.device, torch.bool)
+        return torch.cat([mask.new_ones(mask.shape[0], extra), mask], dim=1) if extra else mask
+
+    def count_rows(self, inputs: Tensor, attention_mask: Tensor | None = None) -> int:
+        """Training rows that ``inputs`` give: one per real token (plus the extra leading positions) for
+        ``spatial="tokens"``; runs the model on one sample only when the layer's shape is not known yet."""
+        if self.spatial != "tokens":
+            return inputs.shape[0] * self.vectors_per_image()
+        if self._extra_positions is None:
+            self.layer_output(inputs[:1])
+        assert self._extra_positions is not None
+        mask = self.token_mask(inputs, attention_mask)
+        real = inputs.numel() if mask is None else int(mask.sum())
+        return real + inputs.shape[0] * self._extra_positions
+
+    def to_vectors(self, activation: Tensor, *, scaled: bool = True, mask: Tensor | None = None) -> Tensor:
+        """Raw layer output ``[B, C, ...]`` -> training vectors of the ``spatial`` mode (times ``scale``).
+
+        ``mask`` (``spatial="tokens"``): the :meth:`token_mask` of the inputs; only real positions become rows.
+        """
+        if self.spatial == "tokens" and activation.ndim == 3:
+            if mask is None:
+                vectors = activation.reshape(-1, activation.shape[2])
+            else:
+                vectors = activation[self._row_mask(mask, activation)]
+        elif activation.ndim == 2:
             if self.spatial == "maps":
                 raise ValueError(f"spatial='maps' needs a layer with feature maps; {self.layer!r} outputs [B, D]")
             vectors = activation
@@ -195,24 +299,41 @@ class ActivationSource(nn.Module):
             vectors = vectors * self.scale.to(vectors.device, vectors.dtype)
         return vectors
 
-    def from_vectors(self, vectors: Tensor, shape: Sequence[int], *, scaled: bool = True) -> Tensor:
+    def from_vectors(
+        self,
+        vectors: Tensor,
+        shape: Sequence[int],
+        *,
+        scaled: bool = True,
+        mask: Tensor | None = None,
+        fill: Tensor | None = None,
+    ) -> Tensor:
         """Inverse of :meth:`to_vectors`: vectors back to a layer output of ``shape`` (divided by ``scale``).
 
-        Not available for ``spatial="pool"`` (an average cannot be undone).
+        ``spatial="tokens"`` with a ``mask``: the rows go to the real positions, every padding position takes
+        ``fill``'s value there (the layer's own output). Not available for ``spatial="pool"`` (an average cannot be
+        undone).
         """
         shape = tuple(shape)
         if scaled and self.normalize:
             vectors = vectors / self.scale.to(vectors.device, vectors.dtype)
-        if len(shape) == 2 or self.spatial in ("flatten", "maps"):
+        if self.spatial == "tokens" and len(shape) == 3 and mask is not None:
+            if fill is None or tuple(fill.shape) != shape:
+                raise ValueError("ActivationSource: token rows go back into fill=, the layer output of that shape")
+            out = fill.clone()
+            out[self._row_mask(mask, fill)] = vectors.to(out.dtype)
+            return out
+        if len(shape) == 2 or self.spatial in ("flatten", "maps", "tokens"):
             return vectors.reshape(shape)
         if self.spatial == "pool":
             raise ValueError("spatial='pool' vectors cannot be put back into the layer (the average is not invertible)")
         batch, channels = shape[0], shape[1]
         return vectors.reshape(batch, -1, channels).transpose(1, 2).reshape(shape)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Training vectors of ``images`` (see ``spatial``), scaled, detached."""
-        return self.to_vectors(self.layer_output(images))
+    def forward(self, images: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Training vectors of ``images`` (see ``spatial``; token ids and their optional ``attention_mask`` for
+        ``"tokens"``), scaled, detached."""
+        return self.to_vectors(self.layer_output(images), mask=self.token_mask(images, attention_mask))
 
     def vector_dim(self, images: Tensor | None = None) -> int:
         """``d``: the size of one training vector (runs ``images[:1]`` through the model if not known yet)."""
@@ -229,21 +350,26 @@ class ActivationSource(nn.Module):
         shape = self._layer_shape
         if shape is None:
             return None
+        if self.spatial == "tokens":
+            return shape[-1]
         if len(shape) == 1 or self.spatial in ("positions", "pool", "maps"):
             return shape[0]
         return math.prod(shape)
 
     def vectors_per_image(self) -> int:
-        """Rows per image: ``h * w`` for ``"positions"``, else 1 (``"maps"``: one map stack per image)."""
+        """Rows per image: ``h * w`` for ``"positions"``, else 1 (``"maps"``: one map stack per image); not
+        fixed for ``"tokens"`` (see :meth:`count_rows`)."""
         if self._layer_shape is None:
             raise ValueError("the layer's output shape is not known yet; call the source on a batch first")
+        if self.spatial == "tokens":
+            raise ValueError("spatial='tokens' has a varying number of rows per sequence; use count_rows()")
         if self.spatial == "positions" and len(self._layer_shape) > 1:
             return math.prod(self._layer_shape[1:])
         return 1
 
     @property
     def layer_shape(self) -> tuple[int, ...] | None:
-        """Shape of one sample's layer output (``[C, h, w]`` or ``[D]``), known after the first batch."""
+        """Shape of one sample's layer output (``[C, h, w]``, ``[T, D]`` or ``[D]``), known after the first batch."""
         return self._layer_shape
 
     # ------------------------------------------------------------------------------------------ scale
@@ -264,7 +390,8 @@ class ActivationSource(nn.Module):
         return value
 
     def estimate_scale(self, batches: Iterable[Any], max_batches: int = 16, reduce: Reducer | None = None) -> float:
-        """Estimate :attr:`scale` from up to ``max_batches`` image batches (tensors or ``(images, ...)``).
+        """Estimate :attr:`scale` from up to ``max_batches`` image batches (tensors or ``(images, ...)``; padding
+        positions of token batches do not count).
 
         Every process must call it (the sums are all-reduced), so that all use the same scale.
         """
@@ -273,7 +400,9 @@ class ActivationSource(nn.Module):
         for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
-            vectors = self.to_vectors(self.layer_output(_images_of(batch)), scaled=False)
+            inputs = _images_of(batch)
+            mask = self.token_mask(inputs, _attention_mask_of(batch))
+            vectors = self.to_vectors(self.layer_output(inputs), scaled=False, mask=mask)
             if self.spatial == "maps":
                 vectors = vectors.flatten(2).transpose(1, 2).reshape(-1, vectors.shape[1])
             norm_sum += float(vectors.double().norm(dim=1).sum())
@@ -311,35 +440,47 @@ class ActivationSource(nn.Module):
         finally:
             handle.remove()
 
-    def splice(self, transform: Callable[[Tensor], Tensor]) -> contextlib.AbstractContextManager[None]:
+    def splice(
+        self, transform: Callable[[Tensor], Tensor], mask: Tensor | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """Context in which the layer outputs ``from_vectors(transform(to_vectors(output)))``: e.g. an SAE's
-        reconstruction of the (scaled) vectors, put back in place."""
+        reconstruction of the (scaled) vectors, put back in place. ``mask`` (``spatial="tokens"``): the
+        :meth:`token_mask` of the inputs; padding positions keep the layer's own output."""
 
         def replace(output: Tensor) -> Tensor:
-            vectors = self.to_vectors(output)
+            vectors = self.to_vectors(output, mask=mask)
             new = transform(vectors)
             if not isinstance(new, Tensor) or new.shape != vectors.shape:
                 shape = list(new.shape) if isinstance(new, Tensor) else type(new).__name__
                 raise ValueError(
                     f"a splice transform must keep the shape {list(vectors.shape)} of the vectors, got {shape}"
                 )
-            return self.from_vectors(new, output.shape)
+            return self.from_vectors(new, output.shape, mask=mask, fill=output)
 
         return self.replace_output(replace)
 
-    def model_output(self, images: Tensor, replace: Callable[[Tensor], Tensor] | str | None = None) -> Tensor:
+    def model_output(
+        self,
+        images: Tensor,
+        replace: Callable[[Tensor], Tensor] | str | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
         """The frozen model's output on ``images`` in eval mode under ``no_grad`` (state restored), optionally
         with the layer's output replaced: ``"zero"`` (zero-ablation) or a function of the *vectors*
-        (:meth:`splice`)."""
+        (:meth:`splice`). For ``spatial="tokens"`` both act on the real positions only (padding given by
+        ``pad_token`` and ``attention_mask``); padding positions keep the layer's own output."""
         images = images.to(_model_device(self.model))
         if self._calls is None:
             self.layer_output(images[:1])
+        mask = self.token_mask(images, attention_mask)
         if replace is None:
             context: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        elif replace == "zero":
-            context = self.replace_output(torch.zeros_like)
+        elif isinstance(replace, str) and replace == "zero":
+            context = self.splice(torch.zeros_like, mask) if self.spatial == "tokens" else self.replace_output(
+                torch.zeros_like
+            )
         elif callable(replace):
-            context = self.splice(replace)
+            context = self.splice(replace, mask)
         else:
             raise ValueError(f"replace must be None, 'zero' or a callable on vectors, got {replace!r}")
         with torch.no_grad(), model_state_guard(self.model), context:
@@ -350,11 +491,52 @@ class ActivationSource(nn.Module):
         return model_fingerprint(self.model)
 
 
+def _model_pad_token(model: nn.Module) -> int | None:
+    """The ``pad_token`` attribute (an int) of ``model`` or of its first submodule that has one, else ``None``."""
+    for module in model.modules():
+        value = getattr(module, "pad_token", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _layers_with_token_outputs(model: nn.Module, inputs: Tensor) -> list[str]:
+    """Names of the modules whose output on ``inputs`` is a 3-D tensor (one forward pass; for error messages)."""
+    found: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_module: nn.Module, _inputs: tuple, output: object, name: str = name) -> None:
+            if isinstance(output, Tensor) and output.ndim == 3 and name not in found:
+                found.append(name)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), model_state_guard(model):
+            model(inputs)
+    except Exception:  # only a hint for an error message
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _attention_mask_of(batch: Any) -> Tensor | None:
+    """The ``"attention_mask"`` (1 = real token) of a dict batch, else ``None`` (tuple batches carry none:
+    :class:`~lightning_xai.data.tokens.PlantedTokens`'s third element is the ground-truth key mask)."""
+    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), Tensor):
+        return batch["attention_mask"]
+    return None
+
+
 def _images_of(batch: Any) -> Tensor:
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
-        for key in ("image", "images", "input", "inputs", "x"):
+        for key in ("image", "images", "input", "inputs", "input_ids", "tokens", "x"):
             if key in batch:
                 return batch[key]
         raise ValueError(f"cannot find images in a batch dict with keys {sorted(batch)}")
@@ -368,13 +550,16 @@ class ActivationBatch:
     """What post-hoc method modules receive.
 
     ``activations``: ``[N, d]`` vectors (``[B, C, h, w]`` for ``spatial="maps"``), scaled. ``images``: the image
-    batch they came from (``None`` for cached batches). ``extras``: the rest of the image batch, e.g. ``(labels,
-    concept_labels)`` of a ``ConceptDataModule`` or ``(labels, concept_labels, concept_masks)``.
+    batch they came from (token ids for ``spatial="tokens"``; ``None`` for cached batches). ``extras``: the rest of
+    the image batch, e.g. ``(labels, concept_labels)`` of a ``ConceptDataModule`` or ``(labels, concept_labels,
+    concept_masks)``. ``token_mask``: ``spatial="tokens"`` only, the :meth:`ActivationSource.token_mask` of the
+    token ids (True = real token; ``None``: every position is a row).
     """
 
     activations: Tensor
     images: Tensor | None = None
     extras: tuple[Any, ...] = ()
+    token_mask: Tensor | None = None
 
     @property
     def labels(self) -> Tensor | None:

@@ -16,6 +16,9 @@ trained ("frozen") network computes. This module provides that data in three pie
   - ``"pool"``: the global average over positions, one ``C``-vector per image (image-level probes);
   - ``"maps"``: the feature maps unchanged, ``[B, C, h, w]`` (Net2Vec).
 
+  - ``"tokens"``: one ``D``-vector per real (non-padding) token of a layer emitting ``[B, T, D]`` for integer
+    token ids (a transformer's residual stream; see :mod:`lightning_xai.data.activation_source`).
+
   A 2-D layer output ``[B, D]`` is returned as is for every mode but ``"maps"``. With ``normalize=True`` the
   vectors are multiplied by one fixed scalar ``scale`` so that their **mean L2 norm is** ``sqrt(d)`` (``d`` the
   vector size: ``C`` per position for ``"positions"`` / ``"maps"``): a layer-independent scale, so that SAE
@@ -37,7 +40,9 @@ trained ("frozen") network computes. This module provides that data in three pie
 ``DistributedSampler`` on top of the sharding), reshuffled every epoch from ``seed`` and the epoch number, and
 every process yields the same number of batches: ``ceil(n_min / batch_size)`` where ``n_min`` is the number of
 rows of the smallest shard (a larger shard uses a random ``n_min`` of its rows each epoch; with a number of images
-divisible by ``W`` nothing is dropped).
+divisible by ``W`` nothing is dropped). With ``spatial="tokens"`` the rows of a shard are its real tokens, so
+shards differ in size: a first pass over the token ids (no model) counts them, and ``n_min`` is the minimum over
+processes (all-reduced).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from lightning_xai.data.activation_source import (
     SPATIAL_MODES,
     ActivationBatch,
     ActivationSource,
+    _attention_mask_of,
     _images_of,
     _model_device,
     as_activation_batch,
@@ -70,7 +76,7 @@ from lightning_xai.data.activation_source import (
     load_weights,
     model_fingerprint,
 )
-from lightning_xai.distributed import rank_and_world_size
+from lightning_xai.distributed import Reducer, default_reducer, rank_and_world_size
 from lightning_xai.namespace import pl
 
 __all__ = [
@@ -223,7 +229,8 @@ class ActivationDataModule(pl.LightningDataModule):
         datamodule: any image DataModule whose batches are ``images`` or ``(images, ...)`` (e.g.
             ``ConceptDataModule``: ``(images, labels, concept_labels)``).
         model: the frozen network (in YAML: ``class_path``/``init_args`` of a backbone, plus ``weights``).
-        layer, spatial, normalize, weights, stop_at_layer: see :class:`ActivationSource`.
+        layer, spatial, normalize, weights, stop_at_layer, pad_token: see :class:`ActivationSource` (token models:
+            ``spatial="tokens"``, batches ``(token_ids, labels, ...)`` or dicts with ``"attention_mask"``).
         cache_dir: ``None``: compute activations on the fly for every batch, on the training device. A folder:
             the training split's activation vectors are cached there (written once per process shard, reused
             while the metadata matches) and read from disk in batches of ``batch_size``.
@@ -236,6 +243,9 @@ class ActivationDataModule(pl.LightningDataModule):
     The activations are computed in :meth:`on_after_batch_transfer`, i.e. after the image batch reached the
     training device; the source (and the model in it) is moved to that device. The estimated scale is part of
     this datamodule's ``state_dict`` (saved in checkpoints). ``extras`` of cached batches are empty.
+
+    :attr:`reducer` (default ``None``: ``torch.distributed`` when initialised) names the processes outside a
+    Trainer, e.g. the simulated ranks of :class:`~lightning_xai.distributed.ThreadGroup` in tests.
     """
 
     def __init__(
@@ -253,6 +263,7 @@ class ActivationDataModule(pl.LightningDataModule):
         shuffle: bool = True,
         seed: int = 0,
         stop_at_layer: bool = True,
+        pad_token: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, pl.LightningDataModule):
@@ -264,7 +275,9 @@ class ActivationDataModule(pl.LightningDataModule):
         check_int("scale_batches", scale_batches, minimum=1, owner=owner)
         check_bool("shuffle", shuffle, owner=owner)
         check_int("seed", seed, owner=owner)
-        self.source = ActivationSource(model, layer, spatial, normalize, weights, stop_at_layer)
+        self.source = ActivationSource(model, layer, spatial, normalize, weights, stop_at_layer, pad_token)
+        #: The processes' reducer outside a Trainer (``None``: ``torch.distributed`` when initialised).
+        self.reducer: Reducer | None = None
         self.datamodule = datamodule
         self.cache = None if cache_dir is None else ActivationCache(cache_dir, cache_dtype)
         self.batch_size = batch_size
@@ -281,7 +294,7 @@ class ActivationDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
-        return rank_and_world_size()
+        return rank_and_world_size(self.reducer)
 
     def _device(self) -> torch.device:
         trainer = self.trainer
@@ -332,7 +345,8 @@ class ActivationDataModule(pl.LightningDataModule):
             images = _images_of(loader.collate_fn([loader.dataset[0]]))
         except Exception:  # no map-style dataset to peek into: the shape is learned on the first batch
             return
-        if isinstance(images, Tensor) and images.is_floating_point() and images.ndim >= 2:
+        tokens = self.source.spatial == "tokens"
+        if isinstance(images, Tensor) and (images.is_floating_point() or tokens) and images.ndim >= 2:
             self.source.layer_output(images.to(self._device()))
 
     def _shard_loader(self, loader: DataLoader) -> DataLoader:
@@ -353,9 +367,10 @@ class ActivationDataModule(pl.LightningDataModule):
             raw = torch.from_numpy(np.asarray(array[:rows], dtype=np.float32))
             if self.source.spatial == "maps":
                 raise ValueError("spatial='maps' cannot be cached")
-            self.source.set_scale_from_norms(float(raw.double().norm(dim=1).sum()), raw.shape[0], raw.shape[1])
+            norms = float(raw.double().norm(dim=1).sum())
+            self.source.set_scale_from_norms(norms, raw.shape[0], raw.shape[1], self.reducer)
             return
-        self.source.estimate_scale(shard_loader, self.scale_batches)
+        self.source.estimate_scale(shard_loader, self.scale_batches, self.reducer)
 
     def _prepare_cache(self, train_loader: DataLoader, shard_loader: DataLoader) -> CachedActivationBatches:
         assert self.cache is not None
@@ -366,7 +381,6 @@ class ActivationDataModule(pl.LightningDataModule):
         num_images = len(dataset)  # type: ignore[arg-type]
         first = next(iter(shard_loader))
         self.source.vector_dim(_images_of(first).to(self._device()))
-        per_image = self.source.vectors_per_image()
         expected = {
             "format": CACHE_FORMAT,
             "model": self.source.fingerprint(),
@@ -376,7 +390,9 @@ class ActivationDataModule(pl.LightningDataModule):
             "data": _data_fingerprint(self.datamodule, dataset),
             "num_images": num_images,
         }
-        shard_images = len(range(rank, num_images, world))
+        tokens = self.source.spatial == "tokens"
+        if tokens:  # the rows depend on what counts as padding
+            expected["pad_token"] = self.source.pad_token
         array = self.cache.open(expected, rank, world)
         if array is None:
             if self.cache.metadata(rank, world) is not None:
@@ -386,19 +402,27 @@ class ActivationDataModule(pl.LightningDataModule):
                     stacklevel=2,
                 )
             device = self._device()
-            batches = (
-                self.source.to_vectors(self.source.layer_output(_images_of(b).to(device)), scaled=False)
-                for b in shard_loader
-            )
-            array = self.cache.write(expected, rank, world, shard_images * per_image, batches)
+            rows = sum(self.source.count_rows(_images_of(b), _attention_mask_of(b)) for b in shard_loader)
+            batches = (self._raw_vectors(b, device) for b in shard_loader)
+            array = self.cache.write(expected, rank, world, rows, batches)
             self.cache_status = "written"
         else:
             self.cache_status = "reused"
-        smallest = num_images // world * per_image  # the last rank's shard (ranks below hold one more when uneven)
+        if tokens:  # shards hold different numbers of real tokens: every process uses the smallest count
+            reduce = default_reducer() if self.reducer is None else self.reducer
+            smallest = int(reduce(torch.tensor([array.shape[0]], dtype=torch.long), "min").reshape(-1)[0])
+        else:  # the last rank's shard (ranks below hold one more image when uneven)
+            smallest = num_images // world * self.source.vectors_per_image()
         if smallest < 1:
             raise ValueError(f"{num_images} training images cannot be sharded over {world} processes")
         path = self.cache.paths(rank, world)[0]
         return CachedActivationBatches(path, smallest, self.batch_size, self.shuffle, self.seed)
+
+    def _raw_vectors(self, batch: Any, device: torch.device) -> Tensor:
+        """Unscaled training rows of one wrapped batch (padding left out for token batches)."""
+        inputs = _images_of(batch).to(device)
+        mask = self.source.token_mask(inputs, _attention_mask_of(batch))
+        return self.source.to_vectors(self.source.layer_output(inputs), scaled=False, mask=mask)
 
     # ------------------------------------------------------------------------------------------ loaders
     def train_dataloader(self) -> Any:
@@ -426,7 +450,9 @@ class ActivationDataModule(pl.LightningDataModule):
         images = _images_of(batch)
         self._place_source(images.device)
         extras = tuple(batch[1:]) if isinstance(batch, Sequence) and not isinstance(batch, str) else ()
-        return ActivationBatch(self.source(images), images, extras)
+        mask = self.source.token_mask(images, _attention_mask_of(batch))
+        vectors = self.source.to_vectors(self.source.layer_output(images), mask=mask)
+        return ActivationBatch(vectors, images, extras, token_mask=mask)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

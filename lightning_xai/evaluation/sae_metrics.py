@@ -1,6 +1,7 @@
 """Sparse-autoencoder metrics (torchmetrics, DDP-reduced): reconstruction quality and downstream loss.
 
-* :class:`SAEReconstructionMetrics` - ``l0``, fraction of variance unexplained, normalised MSE and the fraction
+* :class:`SAEReconstructionMetrics` - ``l0``, fraction of variance unexplained (and explained variance, its
+  complement), normalised MSE and the fraction
   of dead latents (Bricken et al., "Towards Monosemanticity", 2023; Gao et al., "Scaling and evaluating sparse
   autoencoders", 2024).
 * :class:`DownstreamScore` - the frozen model's cross-entropy with the layer's own output, with the SAE
@@ -24,7 +25,8 @@ __all__ = ["DownstreamScore", "SAEReconstructionMetrics"]
 
 
 class SAEReconstructionMetrics(Metric):
-    """``l0``, ``fvu`` (centred), ``nmse`` and ``dead_fraction`` over all updated vectors (module docstring).
+    """``l0``, ``fvu`` (centred), ``explained_variance`` (``1 - fvu``), ``nmse`` and ``dead_fraction`` over all
+    updated vectors (module docstring).
 
     States are sums (float64) reduced over processes, so the result equals a single-process evaluation.
     """
@@ -57,6 +59,7 @@ class SAEReconstructionMetrics(Metric):
         return {
             "l0": self.active / n,
             "fvu": self.sse / variance,
+            "explained_variance": 1.0 - self.sse / variance,
             "nmse": self.sse / self.sum_sq,
             "dead_fraction": (self.fired == 0).double().mean(),
         }
@@ -64,7 +67,8 @@ class SAEReconstructionMetrics(Metric):
 
 class DownstreamScore(Metric):
     """Mean cross-entropy / accuracy of the frozen model with the layer's own output, the SAE reconstruction
-    spliced in, and the layer zero-ablated; ``downstream_score = (ce_zero - ce_sae) / (ce_zero - ce_orig)``."""
+    spliced in, and the layer zero-ablated; ``downstream_score = (ce_zero - ce_sae) / (ce_zero - ce_orig)``, the
+    fraction of the loss that zero-ablation adds which the SAE recovers ("loss recovered")."""
 
     full_state_update = False
 
