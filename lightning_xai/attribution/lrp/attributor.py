@@ -251,33 +251,46 @@ class LRP(Attributor):
         return seed
 
 
-class LRPEpsilon(LRP):
-    """:class:`LRP` with the ``"epsilon"`` composite (epsilon rule everywhere), registered as ``"lrp_epsilon"``."""
+class _EpsilonPreset(LRP):
+    """An :class:`LRP` preset whose composite (``preset``) takes only the epsilon of its dense layers."""
 
-    name = "lrp_epsilon"
+    preset = ""
 
     def __init__(self, canonizers: CanonizerSpec = "auto", epsilon: float = 1e-6) -> None:
-        super().__init__("epsilon", canonizers=canonizers, epsilon=epsilon)
+        super().__init__(self.preset, canonizers=canonizers, epsilon=epsilon)
 
 
-class LRPEpsilonPlus(LRP):
-    """:class:`LRP` with ``"epsilon_plus"`` (zB / z+ / epsilon), registered as ``"lrp_epsilon_plus"``."""
+class _BoxPreset(LRP):
+    """An :class:`LRP` preset whose composite (``preset``) also has a zB rule at the first layer, bounded by
+    ``[low, high]``."""
 
-    name = "lrp_epsilon_plus"
+    preset = ""
 
     def __init__(
         self, canonizers: CanonizerSpec = "auto", epsilon: float = 1e-6, low: Bound = 0.0, high: Bound = 1.0
     ) -> None:
-        super().__init__("epsilon_plus", canonizers=canonizers, epsilon=epsilon, low=low, high=high)
+        super().__init__(self.preset, canonizers=canonizers, epsilon=epsilon, low=low, high=high)
 
 
-class LRPEpsilonPlusFlat(LRP):
+class LRPEpsilon(_EpsilonPreset):
+    """:class:`LRP` with the ``"epsilon"`` composite (epsilon rule everywhere), registered as ``"lrp_epsilon"``."""
+
+    name = "lrp_epsilon"
+    preset = "epsilon"
+
+
+class LRPEpsilonPlus(_BoxPreset):
+    """:class:`LRP` with ``"epsilon_plus"`` (zB / z+ / epsilon), registered as ``"lrp_epsilon_plus"``."""
+
+    name = "lrp_epsilon_plus"
+    preset = "epsilon_plus"
+
+
+class LRPEpsilonPlusFlat(_EpsilonPreset):
     """:class:`LRP` with ``"epsilon_plus_flat"`` (flat / z+ / epsilon), registered as ``"lrp_epsilon_plus_flat"``."""
 
     name = "lrp_epsilon_plus_flat"
-
-    def __init__(self, canonizers: CanonizerSpec = "auto", epsilon: float = 1e-6) -> None:
-        super().__init__("epsilon_plus_flat", canonizers=canonizers, epsilon=epsilon)
+    preset = "epsilon_plus_flat"
 
 
 class LRPEpsilonGammaBox(LRP):
@@ -296,13 +309,9 @@ class LRPEpsilonGammaBox(LRP):
         super().__init__("epsilon_gamma_box", canonizers=canonizers, epsilon=epsilon, gamma=gamma, low=low, high=high)
 
 
-class LRPEpsilonAlpha2Beta1(LRP):
+class LRPEpsilonAlpha2Beta1(_BoxPreset):
     """:class:`LRP` with ``"epsilon_alpha2_beta1"`` (zB / alpha2-beta1 / epsilon), registered as
     ``"lrp_epsilon_alpha2_beta1"``."""
 
     name = "lrp_epsilon_alpha2_beta1"
-
-    def __init__(
-        self, canonizers: CanonizerSpec = "auto", epsilon: float = 1e-6, low: Bound = 0.0, high: Bound = 1.0
-    ) -> None:
-        super().__init__("epsilon_alpha2_beta1", canonizers=canonizers, epsilon=epsilon, low=low, high=high)
+    preset = "epsilon_alpha2_beta1"
