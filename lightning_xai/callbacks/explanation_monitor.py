@@ -11,7 +11,8 @@ from torch import Tensor
 
 from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.callbacks.base import ValidationContext, XAICallback, method_names
-from lightning_xai.checks import check_bool, check_float
+from lightning_xai.callbacks.tokens import resolve_pad_token, valid_positions
+from lightning_xai.checks import check_bool, check_float, check_optional_int
 from lightning_xai.evaluation.similarity import spearman_correlation
 from lightning_xai.viz import (
     ScaleTracker,
@@ -40,7 +41,9 @@ class ExplanationMonitor(XAICallback):
     input, then one overlay per method), a per-sample table and, from the second run on, the **explanation
     drift** of each method: the mean Spearman rank correlation between this run's and the previous run's maps
     (``<log_key>/drift/<method>``; 1 = unchanged ranking, 0 = unrelated). Samples whose map is constant have no
-    rank correlation and are left out of the mean.
+    rank correlation and are left out of the mean. On token models the correlation runs over each sequence's
+    tokens only: padding positions (``pad_token``), which most token methods set to 0 in every run, would
+    otherwise count as agreeing ties and pull the drift towards 1.
 
     Cost is bounded: ``num_samples`` probe samples every ``every_n_epochs`` epochs; under DDP each rank explains
     ``num_samples / world_size`` of them and the maps are gathered, so every rank holds the same state and rank
@@ -64,6 +67,8 @@ class ExplanationMonitor(XAICallback):
             ``convert_ids_to_tokens``) the highlighted text shows; ``None`` shows the ids.
         per_method_images: also log one image per method (``<log_key>/explanations/<method>``), so that one method
             can be followed with the W&B step slider.
+        pad_token: token models: the padding id, left out of the drift; ``None``: the model's own
+            (:func:`~lightning_xai.callbacks.tokens.model_pad_token`) if it declares one, else none.
         **kwargs: the common callback arguments of :class:`~lightning_xai.callbacks.base.XAICallback`
             (``every_n_epochs``, ``target``, ``seed``, ``probe_batch``, ``on_error``, ``log_key``, ``split``,
             ``dataloader_idx``, ``input_key`` / ``label_key`` / ``output_key``, ``output_dir``, ...).
@@ -96,6 +101,7 @@ class ExplanationMonitor(XAICallback):
         fixed_scale: bool = False,
         per_method_images: bool = True,
         vocabulary: Sequence[str] | Callable[[int], str] | None = None,
+        pad_token: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_samples=num_samples, **kwargs)
@@ -113,6 +119,10 @@ class ExplanationMonitor(XAICallback):
             raise ValueError(f"{self.name}: percentile must be in (0, 100], got {percentile}")
         self.class_names = None if class_names is None else list(class_names)
         self.vocabulary = vocabulary
+        self.pad_token = check_optional_int("pad_token", pad_token, minimum=0, owner=self.name)
+        #: The padding id in use on token inputs (``pad_token`` or the model's; decided at the first token run).
+        self.padding: int | None = self.pad_token
+        self._padding_resolved = False
         self.per_method_images = check_bool("per_method_images", per_method_images, owner=self.name)
         self.fixed_scale = check_bool("fixed_scale", fixed_scale, owner=self.name)
         #: The frozen per-method scales (``fixed_scale=True``), resumable.
@@ -176,7 +186,13 @@ class ExplanationMonitor(XAICallback):
             labels = self.gather_rows(probe.labels[rows])
         ids = self.gather_rows(probe.sample_ids[rows]) if probe.sample_ids is not None else None
 
-        self.last_drift = self._update_drift(maps)
+        valid = None
+        if not images.is_floating_point() and images.ndim == 2:  # token ids: drift over the tokens, not padding
+            if not self._padding_resolved:
+                self.padding = resolve_pad_token(self, self.pad_token, pl_module)
+                self._padding_resolved = True
+            valid = valid_positions(images, self.padding)
+        self.last_drift = self._update_drift(maps, valid)
         self.history.append(self.history_record(trainer, drift=dict(self.last_drift)))
         if trainer.is_global_zero and maps:
             if not images.is_floating_point() and images.ndim == 2:
@@ -185,15 +201,17 @@ class ExplanationMonitor(XAICallback):
                 self._log(trainer, images, maps, labels, row_logits, ids)
         return maps
 
-    def _update_drift(self, maps: dict[str, Tensor]) -> dict[str, float]:
+    def _update_drift(self, maps: dict[str, Tensor], valid: Tensor | None = None) -> dict[str, float]:
+        """Each method's mean Spearman correlation with its previous maps; ``valid`` (``bool [N, T]``, token
+        models): only those positions of each sample are ranked."""
         drifts: dict[str, float] = {}
         for name, current in maps.items():
             previous = self.previous_maps.get(name)
             if previous is not None and previous.shape == current.shape:
-                corr = spearman_correlation(previous, current)
-                valid = corr[~torch.isnan(corr)]
-                if valid.numel():
-                    drifts[name] = float(valid.mean())
+                corr = _drift_correlation(previous, current, valid)
+                scored = corr[~torch.isnan(corr)]
+                if scored.numel():
+                    drifts[name] = float(scored.mean())
             self.previous_maps[name] = current.clone()
         return drifts
 
@@ -288,3 +306,17 @@ class ExplanationMonitor(XAICallback):
             outputs += log_text(trainer.loggers, f"{self.log_key}/explanations/{name}", html=html, text=text,
                                 step=step, fallback_dir=self._dir(trainer) if not trainer.loggers else None)
         self.last_outputs = outputs
+
+
+def _drift_correlation(previous: Tensor, current: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-sample Spearman correlation of two runs' maps, over the ``valid`` positions of each sample only when
+    given (``NaN`` where fewer than two positions are valid or a map is constant there)."""
+    if valid is None or valid.shape != current.reshape(current.shape[0], -1).shape:
+        return spearman_correlation(previous, current)
+    a, b = previous.reshape(previous.shape[0], -1), current.reshape(current.shape[0], -1)
+    keep = valid.to(a.device)
+    out = torch.full((a.shape[0],), float("nan"), dtype=torch.float64)
+    for i in range(a.shape[0]):
+        if int(keep[i].sum()) >= 2:
+            out[i] = spearman_correlation(a[i][keep[i]].view(1, -1), b[i][keep[i]].view(1, -1))[0].cpu()
+    return out

@@ -58,7 +58,13 @@ class ProbeBatch:
 
 
 def _spatial_masks(masks: Tensor | None, inputs: Tensor) -> Tensor | None:
-    """``masks`` if they are pixel masks of the inputs (same spatial size), else ``None`` (e.g. a concept vector)."""
+    """``masks`` if they are pixel masks of the inputs (same spatial size) or token masks of token ids (one value
+    per position of integer ``[B, T]`` inputs), else ``None`` (e.g. a concept vector)."""
+    if (
+        masks is not None and isinstance(inputs, Tensor) and inputs.ndim == 2 and not inputs.is_floating_point()
+        and masks.shape == inputs.shape
+    ):
+        return masks
     if masks is None or not isinstance(inputs, Tensor) or inputs.ndim < 3 or masks.ndim < 2:
         return None
     return masks if tuple(masks.shape[-2:]) == tuple(inputs.shape[-2:]) else None

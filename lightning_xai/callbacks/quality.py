@@ -17,7 +17,8 @@ from torchmetrics import Metric
 
 from lightning_xai.attribution import Attributor, build_attributor
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback, method_names
-from lightning_xai.checks import check_bool, suggest
+from lightning_xai.callbacks.tokens import resolve_pad_token, valid_positions
+from lightning_xai.checks import check_bool, check_choice, check_optional_int, suggest
 from lightning_xai.evaluation import (
     AOPC,
     DeletionAUC,
@@ -29,9 +30,10 @@ from lightning_xai.evaluation import (
     RelevanceRank,
     Sparseness,
 )
+from lightning_xai.evaluation.base import is_token_batch
 from lightning_xai.viz.logging import log_line_plot
 
-__all__ = ["DEFAULT_METRICS", "QUALITY_METRICS", "ExplanationQuality", "all_ranks_agree"]
+__all__ = ["DEFAULT_METRICS", "QUALITY_METRICS", "TOKEN_METRICS", "ExplanationQuality", "all_ranks_agree"]
 
 #: Metric name -> (class, what its ``update`` needs): "model" (attributions, inputs, model, target), "mask"
 #: (attributions, masks) or "maps" (attributions only).
@@ -49,6 +51,9 @@ QUALITY_METRICS: dict[str, tuple[type[Metric], str]] = {
 _CURVE_METRICS = ("deletion_auc", "insertion_auc", "aopc")
 #: The metrics scored by default (the localisation ones only where the data has pixel masks).
 DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "mask_iou", "relevance_mass")
+#: The metrics that score token models (integer ``[B, T]`` inputs, token maps ``[B, T]``).
+TOKEN_METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "mask_iou", "relevance_mass", "relevance_rank")
+INPUT_KINDS = ("auto", "images", "tokens")
 
 
 def all_ranks_agree(trainer: Any, ok: bool, device: Any = None) -> bool:
@@ -115,12 +120,31 @@ class ExplanationQuality(XAICallback):
     identities (dataset indices, or positions in a given ``probe_batch``) where their ``update`` accepts
     ``sample_ids``, so results do not depend on the sharding.
 
+    **Token models** (integer ``[B, T]`` inputs, e.g. a
+    :class:`~lightning_xai.models.transformers.TextTransformer` on
+    :class:`~lightning_xai.data.tokens.PlantedTokens`, explained by token methods such as ``token_saliency``,
+    ``token_occlusion`` or ``attention_rollout``): the maps are one relevance per token, the localisation metrics
+    (:data:`TOKEN_METRICS`) compare them with the batch's token masks ``[B, T]`` (e.g. the planted key
+    positions), and deletion / insertion replace a token's id by ``mask_token``, most relevant first. Positions
+    holding ``pad_token`` take no part anywhere: never removed, no mass, never the maximum, not counted in the
+    curves' fractions. Token mode is chosen from the probe batch (integer inputs) or by ``input_kind``, and
+    checked at setup: a metric that cannot score tokens (AOPC, infidelity, sparseness) or deletion / insertion
+    without ``mask_token`` is a configuration error.
+
     Args:
         attributors: attributors, registered names or ``{"name": ..., **kwargs}`` dicts.
         metrics: names from :data:`QUALITY_METRICS`.
         metric_kwargs: per-metric constructor arguments, e.g. ``{"deletion_auc": {"steps": 32}}``.
         num_samples: probe samples drawn once (seeded) from the ``split`` (default: validation) set.
         log_curves: also log the mean deletion / insertion / AOPC curve of each method as a line plot.
+        input_kind: ``"auto"`` (token mode for integer ``[B, T]`` inputs), ``"images"`` or ``"tokens"``
+            (then inputs of the other kind are a configuration error).
+        mask_token: token models: the id written into removed tokens by deletion / insertion (a ``[MASK]`` or
+            ``[UNK]`` id; :data:`~lightning_xai.data.tokens.MASK_TOKEN` for ``PlantedTokens``).
+        pad_token: token models: the padding id, excluded from every metric; ``None``: the model's own
+            (:func:`~lightning_xai.callbacks.tokens.model_pad_token`: a submodule's ``pad_token``, as on
+            ``TextTransformer``, or ``config.pad_token_id``) if it declares one - said once -, else every
+            position is scored.
         **kwargs: the common callback arguments of :class:`~lightning_xai.callbacks.base.XAICallback`
             (``every_n_epochs``, ``target`` - default ``"label"`` -, ``seed``, ``on_error``, ``log_key``, ``split``,
             ``dataloader_idx``, ``probe_batch``, ``input_key`` / ``label_key`` / ``mask_key`` / ``output_key``,
@@ -137,6 +161,9 @@ class ExplanationQuality(XAICallback):
         num_samples: int = 16,
         *,
         log_curves: bool = False,
+        input_kind: str = "auto",
+        mask_token: int | None = None,
+        pad_token: int | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("target", "label")
@@ -163,6 +190,17 @@ class ExplanationQuality(XAICallback):
             raise ValueError(
                 f"{self.name}: metric_kwargs given for metric(s) {stray} that are not in metrics={self.metrics}"
             )
+        self.input_kind = check_choice("input_kind", input_kind, INPUT_KINDS, owner=self.name)
+        self.mask_token = check_optional_int("mask_token", mask_token, minimum=0, owner=self.name)
+        self.pad_token = check_optional_int("pad_token", pad_token, minimum=0, owner=self.name)
+        if self.input_kind == "images" and (mask_token is not None or pad_token is not None):
+            raise ValueError(f"{self.name}: mask_token / pad_token apply to token inputs, not to input_kind='images'")
+        #: The padding id in use: ``pad_token``, or the model's (decided at setup in token mode).
+        self.padding: int | None = self.pad_token
+        #: Whether the probe inputs are token ids (decided at setup; ``None``: not yet known).
+        self.tokens: bool | None = None if self.input_kind == "auto" else self.input_kind == "tokens"
+        if self.tokens:
+            self._check_token_metrics(ValueError)
         for name in self.metrics:  # build once now so that bad kwargs fail at construction
             try:
                 self._new_metric(name)
@@ -179,13 +217,19 @@ class ExplanationQuality(XAICallback):
         cls, _needs = QUALITY_METRICS[name]
         kwargs = dict(self.metric_kwargs.get(name, {}))
         kwargs["return_per_sample"] = True
+        if self.tokens and name in _CURVE_METRICS:
+            kwargs.setdefault("mask_token", self.mask_token)
+            kwargs.setdefault("pad_token", self.padding)
         return cls(**kwargs)
 
     def _state_key_parts(self) -> dict[str, Any]:
         return {"attributors": sorted(self.attributors), "metrics": self.metrics}
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "methods": list(self.attributors), "metrics": list(self.metrics)}
+        return {
+            **super().settings(), "methods": list(self.attributors), "metrics": list(self.metrics),
+            "input_kind": self.input_kind if self.tokens is None else ("tokens" if self.tokens else "images"),
+        }
 
     @property
     def history(self) -> list[tuple[int, dict[str, float]]]:
@@ -201,18 +245,64 @@ class ExplanationQuality(XAICallback):
         super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------------------------------ setup
+    def accepts_token_ids(self) -> bool:
+        """Token ids are fine when every method takes them (``input_kind`` is checked in :meth:`validate`)."""
+        return all(bool(getattr(a, "accepts_token_ids", False)) for a in self.attributors.values())
+
+    def _check_token_metrics(self, error: type[Exception]) -> None:
+        unsupported = [m for m in self.metrics if m not in TOKEN_METRICS]
+        if unsupported:
+            raise error(
+                f"{self.name}: metric(s) {unsupported} cannot score token inputs (integer [B, T] ids); metrics for "
+                f"token models: {list(TOKEN_METRICS)}"
+            )
+        needs_mask = [m for m in self.metrics if m in _CURVE_METRICS and self._metric_mask_token(m) is None]
+        if needs_mask:
+            raise error(
+                f"{self.name}: {needs_mask} on token inputs replace removed tokens by an id: pass mask_token= (e.g. "
+                "the [MASK] or [UNK] id; lightning_xai.data.tokens.MASK_TOKEN for PlantedTokens)"
+            )
+
+    def _metric_mask_token(self, name: str) -> int | None:
+        return self.metric_kwargs.get(name, {}).get("mask_token", self.mask_token)
+
+    def _decide_kind(self, inputs: Any, pl_module: Any) -> None:
+        """Token or image mode from the probe inputs, checked against ``input_kind`` (a ConfigurationError)."""
+        tokens = bool(self.agree(is_token_batch(inputs)))
+        what = f"{inputs.dtype} {list(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
+        if self.input_kind == "tokens" and not tokens:
+            raise ConfigurationError(
+                f"{self.name}: input_kind='tokens' but the probe inputs are {what}, not token ids (an integer tensor "
+                "[B, T]); use input_kind='auto' or 'images'"
+            )
+        if self.input_kind == "images" and tokens:
+            raise ConfigurationError(
+                f"{self.name}: input_kind='images' but the probe inputs are token ids ({what}); use "
+                "input_kind='auto' or 'tokens' (with token methods and mask_token=)"
+            )
+        self.tokens = tokens
+        if not tokens:
+            if self.mask_token is not None or self.pad_token is not None:
+                self.say_once("not-tokens", f"the inputs are {what}, not token ids: mask_token / pad_token are unused")
+            return
+        self._check_token_metrics(ConfigurationError)
+        self.padding = resolve_pad_token(self, self.pad_token, pl_module)
+
     def _applicable(self, has_masks: bool) -> list[str]:
         active = [m for m in self.metrics if has_masks or QUALITY_METRICS[m][1] != "mask"]
         left_out = [m for m in self.metrics if m not in active]
         if left_out:
+            what = "token masks [B, T] of the token ids" if self.tokens else "pixel masks of the inputs' size"
             self.say_once(
                 "no-masks",
-                f"the {self.split} data has no masks (no pixel masks of the inputs' size); localisation metrics "
+                f"the {self.split} data has no masks (no {what}); localisation metrics "
                 f"{left_out} are left out, {active} are scored",
             )
         return active
 
     def validate(self, trainer: Any, pl_module: Any, context: ValidationContext) -> None:
+        if context.probe is not None:
+            self._decide_kind(context.probe.inputs, pl_module)
         self.dry_run_methods(pl_module, context, self.attributors)
         if context.probe is None:
             return
@@ -245,6 +335,7 @@ class ExplanationQuality(XAICallback):
     ) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
         probe = self.probe_shard(trainer, pl_module)
         if self.active_metrics is None:  # called without the setup check (e.g. evaluate() on its own)
+            self._decide_kind(probe.inputs, pl_module)
             self.active_metrics = self._applicable(self.agree(probe.masks is not None))
         logits = self.eval_logits(pl_module, probe.inputs)
         resolved = self.scored_targets(probe, logits)
@@ -254,6 +345,10 @@ class ExplanationQuality(XAICallback):
         inputs = probe.inputs[rows]
         masks = None if probe.masks is None else probe.masks[rows]
         ids = None if probe.sample_ids is None else probe.sample_ids[rows]
+        valid = None
+        if self.tokens:  # token maps are scored with the positions that take part (all, without padding)
+            valid = valid_positions(inputs, self.padding)
+            valid = torch.ones_like(inputs, dtype=torch.bool) if valid is None else valid
         curves_ok = log and self.log_curves and self.agree(n > 0)
         values: dict[str, float] = {}
         sems: dict[str, float] = {}
@@ -265,7 +360,7 @@ class ExplanationQuality(XAICallback):
                 ok = True
                 if n > 0:
                     try:
-                        self._update(metric, name, local, inputs, masks, pl_module, resolved.target, ids)
+                        self._update(metric, name, local, inputs, masks, pl_module, resolved.target, ids, valid)
                     except Exception as err:  # one metric of one method: the others go on
                         ok = False
                         self.fault(trainer, key, err)
@@ -291,7 +386,7 @@ class ExplanationQuality(XAICallback):
 
     def _update(
         self, metric: Metric, name: str, maps: Tensor, inputs: Tensor, masks: Tensor | None, model: Any, target: Any,
-        ids: Tensor | None,
+        ids: Tensor | None, valid: Tensor | None = None,
     ) -> None:
         needs = QUALITY_METRICS[name][1]
         if needs == "model":
@@ -299,7 +394,7 @@ class ExplanationQuality(XAICallback):
             metric.update(maps, inputs, model, target, **extra)
         elif needs == "mask":
             assert masks is not None
-            metric.update(maps, masks)
+            metric.update(maps, masks, **({} if valid is None else {"valid": valid}))
         else:
             metric.update(maps)
 
