@@ -80,10 +80,12 @@ class DissectionScores(XAICallback):
     The probe set (``num_samples`` items, drawn once with ``seed``) comes from ``probe_dataset`` or from the
     datamodule's ``split``; it must be a concept dataset such as
     :class:`~lightning_xai.data.concepts.ConceptScenes`: ``concept_names``, ``concept_masks_for(indices) ->
-    bool [n, C, H, W]``, optionally ``categories`` and an ``images`` tensor. Data without concept masks, a layer
-    that does not exist or does not output feature maps, and fewer probe samples than processes are configuration
-    errors raised at setup. Under DDP each rank dissects its shard of the probe set and the counts are
-    all-reduced, so every rank holds the single-process result.
+    bool [n, C, H, W]``, optionally ``categories`` and an ``images`` tensor. The layer may be a vision
+    transformer's token layer ``[B, T, D]`` (its ``D`` channels are the units, on the patch grid; see ``reshape``).
+    Data without concept masks, a layer that does not exist or outputs neither feature maps nor tokens that fit a
+    patch grid, and fewer probe samples than processes are configuration errors raised at setup. Under DDP each
+    rank dissects its shard of the probe set and the counts are all-reduced, so every rank holds the
+    single-process result.
 
     Cost per run: about one forward pass up to ``layer`` over ``num_samples`` images (plus ``max_length - 1``
     passes when ``compositional_units > 0``); the rendering (one forward pass of at most ``num_rendered_units *
@@ -91,14 +93,14 @@ class DissectionScores(XAICallback):
 
     Args:
         layer: dotted name of the layer to dissect, or a configured ``NetworkDissection`` (then ``quantile``,
-            ``iou_threshold`` and ``top_k`` come from it and must not be given).
+            ``iou_threshold``, ``top_k`` and ``reshape`` come from it and must not be given).
         every_n_epochs: dissect every n-th validation epoch; ``None``: once at the end of fit.
         num_samples: probe images (at least the number of DDP ranks).
         probe_dataset: the concept dataset to draw from (``dataset=`` is the same); ``None``: the datamodule's
             ``split``.
         split: ``"val"`` (default), ``"train"`` or ``"test"``.
-        iou_threshold, quantile, top_k: see :class:`~lightning_xai.interpretation.dissection.NetworkDissection`
-            (defaults 0.04, 0.005, 4).
+        iou_threshold, quantile, top_k, reshape: see
+            :class:`~lightning_xai.interpretation.dissection.NetworkDissection` (defaults 0.04, 0.005, 4, None).
         batch_size: probe images per forward pass.
         seed: seed of the probe selection.
         when: deprecated; ``"fit_end"`` is ``every_n_epochs=None``.
@@ -143,6 +145,7 @@ class DissectionScores(XAICallback):
         *,
         dissection: NetworkDissection | None = None,
         render: str = "end",
+        reshape: tuple[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
         if when is not None:
@@ -170,8 +173,8 @@ class DissectionScores(XAICallback):
             if dissection is not None:
                 raise ValueError(f"{self.name}: pass the NetworkDissection as layer= or dissection=, not both")
             layer, dissection = None, layer
-        given = {k: v for k, v in (("quantile", quantile), ("iou_threshold", iou_threshold), ("top_k", top_k))
-                 if v is not None}
+        options = (("quantile", quantile), ("iou_threshold", iou_threshold), ("top_k", top_k), ("reshape", reshape))
+        given = {k: v for k, v in options if v is not None}
         if dissection is not None:
             if not isinstance(dissection, NetworkDissection):
                 raise ValueError(
@@ -187,8 +190,11 @@ class DissectionScores(XAICallback):
                 raise ValueError(
                     f"{self.name}: layer must be a non-empty dotted module name or a NetworkDissection, got {layer!r}"
                 )
-            # validates layer type, quantile, iou_threshold and top_k now, not at the first epoch end
-            dissection = NetworkDissection(layer, **given)
+            # validates layer type, quantile, iou_threshold, top_k and reshape now, not at the first epoch end
+            try:
+                dissection = NetworkDissection(layer, **given)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{self.name}: {err}") from err
         #: The configured method this callback runs.
         self.dissection = dissection
         self.layer = dissection.layer if isinstance(dissection.layer, str) else type(dissection.layer).__name__

@@ -34,8 +34,8 @@ class RelevantUnits(XAICallback):
     data, their visuals and an ablation check.
 
     The method is a configured :class:`~lightning_xai.interpretation.RelevantUnitAnalysis` (layers, l1 budget
-    ``mu``, ``center``); for compatibility a layer name or a list of them is accepted instead, with the old
-    keywords ``mu`` and ``center``.
+    ``mu``, ``center``, ``reshape`` for a vision transformer's token layers); for compatibility a layer name or a
+    list of them is accepted instead, with the old keywords ``mu`` and ``center``.
 
     Checked at setup: the layers exist (close names are suggested) and the batches have labels. Samples whose
     logits or unit features are NaN / inf are reported (once, by probe index) and left out of the lasso and of
@@ -153,6 +153,11 @@ class RelevantUnits(XAICallback):
             )
         if context.logits is not None:
             check_class_logits(self.name, context.logits, None, "relevant units are fitted to")
+        if context.probe is not None:  # a token layer's reshape that fits no patch grid fails here, not later
+            try:
+                self.analysis.features(model, context.probe.inputs[:1])
+            except ValueError as err:
+                raise ConfigurationError(f"{self.name}: the unit features cannot be read: {err}") from err
 
     # ------------------------------------------------------------------------------------------ work
     def _features(self, pl_module: Any, inputs: Tensor) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:
@@ -267,7 +272,9 @@ class RelevantUnits(XAICallback):
             if images.ndim == 4:
                 units = list(dict.fromkeys((layer, unit) for _, _, layer, unit, _ in shown))
                 model = self.layer_module(pl_module)
-                visuals = unit_visuals(model, units, TensorDataset(images), k=self.top_k)
+                visuals = unit_visuals(
+                    model, units, TensorDataset(images), k=self.top_k, reshape=self.analysis.reshape
+                )
                 by_unit = {(v.layer, v.unit): v for v in visuals}
                 rows = []
                 for c, rank, layer, unit, weight in shown:

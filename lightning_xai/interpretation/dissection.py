@@ -1,8 +1,8 @@
 """Network dissection: which units of a layer detect which human concepts (Bau et al., CVPR 2017).
 
 Bau, Zhou, Khosla, Oliva and Torralba, "Network Dissection: Quantifying Interpretability of Deep Visual
-Representations", CVPR 2017. For every unit ``k`` of a convolutional layer and every concept ``c`` of a probe
-set with pixel-level concept masks:
+Representations", CVPR 2017. For every unit ``k`` of a convolutional layer (or a vision transformer's token
+layer, see below) and every concept ``c`` of a probe set with pixel-level concept masks:
 
 1. **Threshold.** ``T_k`` is the top-``quantile`` value (default 0.005: the 99.5th percentile) of the unit's
    activations over all spatial positions of all probe images, at the layer's own resolution. It is estimated in
@@ -33,6 +33,11 @@ images' aspect ratio (a different aspect raises a ``ValueError``; another resolu
 ``indices`` are the images' dataset indices, reported for each unit's top-activating images (default: the
 running position in ``data``; required under ``torch.distributed``).
 
+**Token layers.** A layer that emits ``[B, T, D]`` (a ViT encoder block) is dissected unit by channel: the class
+token (and any other prefix token) is dropped and the patch tokens are laid out on their grid ``[B, D, h, w]`` by
+:func:`~lightning_xai.interpretation.layer_maps.unit_maps`, with the ``reshape`` option of the CAM family
+(``None``: grid inferred; ``(h, w)``: that grid; or a callable).
+
 **Distributed.** Shard the probe set over processes and call the dissection on every process: sketches and
 counts are reduced with a :class:`~lightning_xai.distributed.Reducer` (``torch.distributed`` when
 initialised), and every process gets the result of the whole probe set, equal to a single-process run.
@@ -50,6 +55,7 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.distributed import Reducer, agree, default_reducer
 from lightning_xai.interpretation.compositional import CompositionalExplanation, compositional_search
 from lightning_xai.interpretation.dissection_result import (
@@ -58,15 +64,9 @@ from lightning_xai.interpretation.dissection_result import (
     categories_from_names,
     concept_categories,
 )
-from lightning_xai.interpretation.layer_maps import (
-    ROUNDING_MARGIN,
-    LayerReader,
-    check_reiterable,
-    read_concept_batch,
-    upsample_bilinear,
-)
+from lightning_xai.interpretation.layer_maps import LayerReader, check_reiterable, read_concept_batch, upsample_bilinear
 from lightning_xai.interpretation.quantiles import QuantileSketch
-from lightning_xai.viz.render import overlay
+from lightning_xai.interpretation.unit_masks import count_overlaps, mask_overlay, threshold_maps
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -98,26 +98,6 @@ def _agree(reducer: Reducer, error: BaseException | None, stage: str) -> None:
         raise RuntimeError(f"network dissection failed on another process during {stage}")
 
 
-# ------------------------------------------------------------------------------------------------------ dissection
-def mask_overlay(
-    images: Tensor,
-    masks: Tensor,
-    *,
-    alpha: float = 0.5,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> np.ndarray:
-    """Binary unit masks ``[n, 1, H, W]`` drawn on ``images [n, C, H, W]``: the warm end of the colour map of
-    :func:`lightning_xai.viz.render.overlay` (weight ``alpha``) inside the mask, the plain grayscale image outside
-    it (whatever colour the map gives to zero). ``uint8 [n, H, W, 3]``."""
-    kwargs = {"signed": False, "percentile": 100.0, "mean": mean, "std": std}
-    images, masks = images.detach().cpu(), masks.detach().cpu().float()
-    coloured = overlay(images, masks, alpha=alpha, **kwargs)
-    plain = overlay(images, masks, alpha=0.0, **kwargs)
-    inside = masks.reshape(coloured.shape[0], *coloured.shape[1:3], 1).numpy() > 0.5
-    return np.where(inside, coloured, plain)
-
-
 class NetworkDissection:
     """Network dissection of one layer (see the module docstring); a configured, model-independent callable.
 
@@ -133,6 +113,9 @@ class NetworkDissection:
         chunk_elements: upsampled activation values processed at once (bounds the memory of the second pass).
         stop_at_layer: end each forward pass right after the layer (its last call, for modules called more than
             once), skipping the rest of the network.
+        reshape: how a token layer's output ``[B, T, D]`` becomes unit maps ``[B, D, h, w]`` (as for the CAM
+            family): ``None`` (prefix tokens dropped, patch grid inferred from the token count and the images'
+            aspect ratio), a grid ``(h, w)`` (prefix ``T - h * w``), or a callable. Ignored for feature maps.
         reduce: how counts are combined over processes (default: ``torch.distributed`` when initialised).
     """
 
@@ -149,6 +132,7 @@ class NetworkDissection:
         chunk_elements: int = 2**22,
         stop_at_layer: bool = True,
         reduce: Reducer | None = None,
+        reshape: Reshape = None,
     ) -> None:
         if not isinstance(layer, str | nn.Module):
             raise TypeError(f"layer must be a dotted module name or an nn.Module, got {type(layer).__name__}")
@@ -180,16 +164,20 @@ class NetworkDissection:
         self.chunk_elements = chunk_elements
         self.stop_at_layer = bool(stop_at_layer)
         self.reduce = reduce
+        self.reshape = check_reshape(reshape, type(self).__name__)
 
     def __repr__(self) -> str:
         layer = self.layer if isinstance(self.layer, str) else type(self.layer).__name__
         return (
             f"NetworkDissection(layer={layer!r}, quantile={self.quantile}, iou_threshold={self.iou_threshold}, "
-            f"top_k={self.top_k})"
+            f"top_k={self.top_k}" + ("" if self.reshape is None else f", reshape={self.reshape!r}") + ")"
         )
 
     def _reducer(self) -> Reducer:
         return default_reducer() if self.reduce is None else self.reduce
+
+    def _reader(self, model: nn.Module, layer_name: str) -> LayerReader:
+        return LayerReader(model, layer_name, self.stop_at_layer, self.reshape, type(self).__name__)
 
     # -------------------------------------------------------------------------------------------- passes
     def __call__(
@@ -217,7 +205,7 @@ class NetworkDissection:
         category_of = concept_categories(names, categories)
         reducer = self._reducer()
         with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
-            reader = LayerReader(model, layer_name, self.stop_at_layer)
+            reader = self._reader(model, layer_name)
             sketch, top_scores, top_indices, cache = self._first_pass(reader, data, reducer)
             thresholds = sketch.quantile(1.0 - self.quantile)
             rank_error = sketch.rank_error(1.0 - self.quantile)
@@ -296,42 +284,6 @@ class NetworkDissection:
             top_scores, top_indices = _select_top(gathered_scores, gathered_indices, self.top_k)
         return sketch, top_scores, top_indices, cache
 
-    def _count(self, acts: Tensor, masks: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(|M_k & L_c| [U, C], |M_k| [U], |L_c| [C])`` of one batch.
-
-        Only maps that can exceed their threshold are upsampled: bilinear interpolation is a convex combination,
-        so a map whose maximum is below ``T_k`` (by more than the rounding of :func:`upsample_bilinear`) has an
-        empty mask. With a top-0.5% threshold that skips most maps. The candidates are upsampled in chunks of at
-        most ``chunk_elements`` values and counted image by image with one small matrix product each.
-        """
-        units = acts.shape[1]
-        size = (int(masks.shape[-2]), int(masks.shape[-1]))
-        positions = size[0] * size[1]
-        dtype = torch.float32 if positions < 2**24 else torch.float64  # exact per-image integer sums
-        concepts = masks.to(acts.device).flatten(2)
-        concepts = (concepts if concepts.dtype == torch.bool else concepts != 0).to(dtype)  # [B, C, HW]
-        concept_area = concepts.sum(dim=(0, 2)).to(torch.int64)
-        intersection = torch.zeros(concepts.shape[1], units, dtype=torch.int64, device=acts.device)
-        area = torch.zeros(units, dtype=torch.int64, device=acts.device)
-        flat = acts.float().flatten(2)
-        top, magnitude = flat.amax(dim=2), flat.abs().amax(dim=2)
-        t = thresholds.to(acts.device)
-        image, unit = torch.nonzero(top >= t[None, :] - ROUNDING_MARGIN * magnitude, as_tuple=True)
-        step = max(1, self.chunk_elements // positions)
-        for start in range(0, image.shape[0], step):
-            b, u = image[start : start + step], unit[start : start + step]
-            fires = upsample_bilinear(acts[b, u].float(), size).flatten(1).gt_(t[u][:, None]).to(dtype)  # [P, HW]
-            area.index_add_(0, u, fires.sum(dim=1).to(torch.int64))
-            # candidates come in image order: one product per image, concepts [C, HW] x fires [HW, n]
-            images, counts = torch.unique_consecutive(b, return_counts=True)
-            offset = 0
-            for i, n in zip(images.tolist(), counts.tolist()):
-                rows = slice(offset, offset + n)
-                product = concepts[i] @ fires[rows].T
-                intersection.index_add_(1, u[rows], product.to(torch.int64))
-                offset += n
-        return intersection.T, area, concept_area
-
     def _second_pass(
         self,
         reader: LayerReader,
@@ -367,7 +319,7 @@ class NetworkDissection:
                 else:
                     acts = reader(images)
                 batches += 1
-                inter, area, present = self._count(acts, masks, thresholds)
+                inter, area, present = count_overlaps(acts, masks, thresholds, self.chunk_elements)
                 intersection += inter.to(device)
                 unit_area += area.to(device)
                 concept_area += present.to(device)
@@ -394,13 +346,12 @@ class NetworkDissection:
         if thresholds.shape[0] != len(units):
             raise ValueError(f"got {thresholds.shape[0]} thresholds for {len(units)} units")
         with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
-            acts = LayerReader(model, layer_name, self.stop_at_layer)(images)
+            acts = self._reader(model, layer_name)(images)
         bad = [u for u in units if not 0 <= int(u) < acts.shape[1]]
         if bad:
             raise ValueError(f"unit(s) {bad} out of range; layer {layer_name!r} has units 0..{acts.shape[1] - 1}")
         index = torch.as_tensor([int(u) for u in units], dtype=torch.long, device=acts.device)
-        up = upsample_bilinear(acts[:, index].float(), (int(size[0]), int(size[1])))
-        return up > thresholds.to(acts.device).view(1, -1, 1, 1)
+        return threshold_maps(acts[:, index], thresholds, size)
 
     def render_unit(
         self,
@@ -477,15 +428,13 @@ class NetworkDissection:
         thresholds = result.thresholds[index]
 
         with torch.inference_mode(False), torch.no_grad(), model_state_guard(model):
-            reader = LayerReader(model, layer_name, self.stop_at_layer)
+            reader = self._reader(model, layer_name)
 
             def batches() -> Iterator[tuple[Tensor, Tensor]]:
                 for item in data:
                     images, masks, _ = read_concept_batch(item)
                     acts = reader(images)[:, index.to(reader.device)]
-                    size = tuple(masks.shape[-2:])
-                    up = upsample_bilinear(acts.float(), (int(size[0]), int(size[1])))
-                    yield up > thresholds.to(up.device).view(1, -1, 1, 1), masks != 0
+                    yield threshold_maps(acts, thresholds, tuple(masks.shape[-2:])), masks != 0
 
             return compositional_search(
                 batches,

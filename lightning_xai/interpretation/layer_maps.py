@@ -1,5 +1,14 @@
 """A layer's feature maps over a probe set, as network dissection reads them: concept batches, the forward pass
-stopped right after the layer, and a batch-independent bilinear upsampling of the maps to the masks' size.
+stopped right after the layer, token layers laid out on their patch grid, and a batch-independent bilinear
+upsampling of the maps to the masks' size.
+
+**Token layers.** A vision transformer's layer emits ``[B, T, D]``: a class token (and possibly other prefix
+tokens) followed by the patch tokens in row-major order (Dosovitskiy et al., ICLR 2021). Its *units* are the
+``D`` channels, and unit ``d``'s map is channel ``d`` of the patch tokens on the patch grid: :func:`unit_maps`
+turns the output into ``[B, D, h, w]`` with :func:`~lightning_xai.attribution.token_grid.token_grid`, the
+transform the CAM family uses, under the same ``reshape`` option (``None``: prefix dropped and grid inferred
+from the token count and the image's aspect ratio; ``(h, w)``: that grid, prefix ``T - h * w``; a callable
+``[B, T, D] -> [B, D, h, w]``).
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, stop_after_calls
+from lightning_xai.attribution.token_grid import MAX_PREFIX_TOKENS, Reshape, infer_grid, token_grid
 from lightning_xai.batch import BatchReader
 
 __all__ = [
@@ -19,7 +29,9 @@ __all__ = [
     "INDEX_KEYS",
     "LayerReader",
     "check_reiterable",
+    "is_token_output",
     "read_concept_batch",
+    "unit_maps",
     "upsample_bilinear",
 ]
 
@@ -117,17 +129,74 @@ def _linear_weights(n_in: int, n_out: int, device: torch.device) -> tuple[Tensor
     return low.to(device), high.to(device), w_low.to(device), w_high.to(device)
 
 
+#: What ``reshape`` accepts, for error messages (the vocabulary of the CAM family's option).
+RESHAPE_CHOICES = (
+    "None (drop the prefix tokens, infer the patch grid)",
+    "(h, w) (the patch grid; prefix = T - h * w)",
+    "a callable Tensor[B, T, D] -> Tensor[B, D, h, w]",
+)
+
+
+def is_token_output(activation: Tensor, inputs: Tensor) -> bool:
+    """Whether a layer output is read as vision-transformer tokens ``[B, T, D]`` (units = the ``D`` channels): a
+    3-D output of a model fed image batches ``[B, C, H, W]`` - the rule of the CAM family's
+    :func:`~lightning_xai.attribution.token_grid.token_grid`."""
+    return isinstance(activation, Tensor) and activation.ndim == 3 and inputs.ndim == 4
+
+
+def unit_maps(
+    activation: Tensor,
+    image_size: tuple[int, int] | None = None,
+    reshape: Reshape = None,
+    *,
+    owner: str = "NetworkDissection",
+    layer: str = "",
+) -> Tensor:
+    """A layer output as unit maps ``[B, units, h, w]``: a feature map is returned as it is, token activations
+    ``[B, T, D]`` are laid out on their patch grid (see the module docstring) with ``reshape``.
+
+    A grid that does not fit the layer's tokens raises a ``ValueError`` naming ``owner``, the layer, the value
+    and the valid choices (with the grid that would be inferred, when there is one).
+    """
+    if activation.ndim != 3:
+        return activation
+    tokens = int(activation.shape[1])
+    try:
+        return token_grid(activation, image_size, reshape)
+    except ValueError as err:
+        try:
+            prefix, (h, w) = infer_grid(tokens, image_size)
+            hint = f"; reshape=None infers {prefix} prefix token(s) and the grid ({h}, {w})"
+        except ValueError:
+            hint = f"; no grid of the image's aspect ratio fits {tokens} tokens minus 0..{MAX_PREFIX_TOKENS} prefix"
+        where = f"layer {layer!r}" if layer else "the layer"
+        raise ValueError(
+            f"{owner}: {where} emits token activations {list(activation.shape)} that reshape={reshape!r} cannot "
+            f"lay out on a patch grid ({err}){hint}. Valid reshape values: {list(RESHAPE_CHOICES)}"
+        ) from err
+
+
 class LayerReader:
     """Runs the model up to the layer and returns its output (its last call in the forward pass).
 
     With ``stop_at_layer`` the forward pass ends right after that call: how often the layer runs per forward
-    pass is learned once, from a complete forward pass of a single image.
+    pass is learned once, from a complete forward pass of a single image. Token activations ``[B, T, D]`` are
+    returned as unit maps ``[B, D, h, w]`` (:func:`unit_maps` with ``reshape``).
     """
 
-    def __init__(self, model: nn.Module, layer: str, stop_at_layer: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str,
+        stop_at_layer: bool,
+        reshape: Reshape = None,
+        owner: str = "NetworkDissection",
+    ) -> None:
         self.model = model
         self.layer = layer
         self.stop_at_layer = stop_at_layer
+        self.reshape = reshape
+        self.owner = owner
         self.calls: int | None = None
         self.device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
 
@@ -142,9 +211,12 @@ class LayerReader:
         if self.stop_at_layer and self.calls is None:
             _activation, self.calls = self._run(images[:1], None)
         activation, _calls = self._run(images, self.calls if self.stop_at_layer else None)
+        if is_token_output(activation, images):
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            activation = unit_maps(activation.detach(), size, self.reshape, owner=self.owner, layer=self.layer)
         if activation.ndim != 4 or activation.shape[0] != images.shape[0]:
             raise ValueError(
                 f"layer {self.layer!r} outputs shape {list(activation.shape)}; dissection needs feature maps "
-                f"[B, units, h, w] with B = {images.shape[0]}"
+                f"[B, units, h, w] or vision-transformer tokens [B, T, D] with B = {images.shape[0]}"
             )
         return activation.detach()

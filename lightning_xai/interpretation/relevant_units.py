@@ -27,6 +27,11 @@ of Deep Neural Networks", ICLR 2019:
 6. **Ablation** (:func:`unit_ablation`): per-class accuracy when a class's relevant units are zeroed (forward
    hooks, removed afterwards) against zeroing as many randomly chosen other units of the same layers.
 
+**Token layers.** For a vision transformer's layer ``[B, T, D]`` the units are the ``D`` channels and a unit's
+map is its channel over the patch tokens on the patch grid (class token dropped; ``reshape`` as in the CAM
+family, see :func:`~lightning_xai.interpretation.layer_maps.unit_maps`); ablating a unit zeroes its channel in
+every token. A token layer's units see the whole image (attention), so their visuals show whole images.
+
 Everything runs in eval mode with the model's state restored and every hook removed afterwards.
 """
 
@@ -43,9 +48,11 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.checks import check_int
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device, reduce_activation
 from lightning_xai.interpretation.lasso import constrained_lasso, project_l1_ball
+from lightning_xai.interpretation.layer_maps import is_token_output, unit_maps
 from lightning_xai.interpretation.receptive_field import ReceptiveField, crop_receptive_fields, receptive_field
 from lightning_xai.interpretation.visualization import TopKBuffer
 
@@ -66,6 +73,13 @@ __all__ = [
 ]
 
 Unit = tuple[str, int]
+
+
+def _maps(activation: Tensor, inputs: Tensor, reshape: Reshape, owner: str, layer: str) -> Tensor:
+    """A layer's output with its units on dim 1: token activations become unit maps ``[B, D, h, w]``."""
+    if not is_token_output(activation, inputs):
+        return activation
+    return unit_maps(activation, (int(inputs.shape[-2]), int(inputs.shape[-1])), reshape, owner=owner, layer=layer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,6 +117,8 @@ class RelevantUnitsResult:
     #: Training fit of the lasso, ``1 - ||XW - Y||^2 / ||Y - mean Y||^2``.
     r2: float = float("nan")
     layers: list[str] = field(default_factory=list)
+    #: How token layers were laid out on their patch grid (see :class:`RelevantUnitAnalysis`).
+    reshape: Reshape = None
 
     @property
     def num_classes(self) -> int:
@@ -176,7 +192,8 @@ class RelevantUnitsResult:
                 raise ValueError(f"target must be one class or one per sample ({x.shape[0]}), got {classes.tolist()}")
         if int(classes.min()) < 0 or int(classes.max()) >= self.num_classes:
             raise ValueError(f"target classes must be in 0..{self.num_classes - 1}, got {classes.tolist()}")
-        acts = {layer: cap.activation for layer, cap in captures.items()}
+        owner = "RelevantUnitsResult"
+        acts = {layer: _maps(cap.activation, x, self.reshape, owner, layer) for layer, cap in captures.items()}
         raw = torch.stack(
             [reduce_activation(acts[layer], "mean_square")[:, ch].float().cpu() for layer, ch in self.units], dim=1
         )
@@ -219,6 +236,8 @@ class RelevantUnitAnalysis:
             paper's formulation, which has none: without it, a unit that responds to every image (brightness,
             say) is picked for every class as a stand-in for the bias. ``False`` solves the paper's problem as
             written.
+        reshape: how a token layer's output ``[B, T, D]`` becomes unit maps ``[B, D, h, w]`` (as for the CAM family):
+            ``None`` (class token dropped, patch grid inferred), a grid ``(h, w)``, or a callable.
     """
 
     def __init__(
@@ -230,6 +249,7 @@ class RelevantUnitAnalysis:
         tol: float = 1e-7,
         batch_size: int = 64,
         center: bool = True,
+        reshape: Reshape = None,
     ) -> None:
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
@@ -249,11 +269,14 @@ class RelevantUnitAnalysis:
         self.tol = float(tol)
         self.batch_size = check_int("batch_size", batch_size, minimum=1, owner="RelevantUnitAnalysis")
         self.center = bool(center)
+        self.reshape = check_reshape(reshape, "RelevantUnitAnalysis")
 
     def __repr__(self) -> str:
         return (
             f"RelevantUnitAnalysis(layers={self.layers!r}, mu={self.mu}, max_iter={self.max_iter}, tol={self.tol}, "
-            f"batch_size={self.batch_size}, center={self.center})"
+            f"batch_size={self.batch_size}, center={self.center}"
+            + ("" if self.reshape is None else f", reshape={self.reshape!r}")
+            + ")"
         )
 
     def layer_names(self, model: nn.Module) -> list[str]:
@@ -288,7 +311,9 @@ class RelevantUnitAnalysis:
                 for cap in captures:
                     cap.clear()
                 model(x.to(device))
-                parts = [reduce_activation(cap.activation, "mean_square").float().cpu() for cap in captures]
+                owner = "RelevantUnitAnalysis"
+                maps = [_maps(c.activation, x, self.reshape, owner, n) for n, c in zip(names, captures)]
+                parts = [reduce_activation(m, "mean_square").float().cpu() for m in maps]
                 if units is None:
                     units = [(name, ch) for name, part in zip(names, parts) for ch in range(part.shape[1])]
                 feats.append(torch.cat(parts, dim=1))
@@ -339,7 +364,9 @@ class RelevantUnitAnalysis:
         total = (y.double() - y.double().mean(0)).square().sum()
         r2 = float(1.0 - resid / total) if total > 0 else float("nan")
         layers = list(dict.fromkeys(layer for layer, _ in units))
-        return RelevantUnitsResult(list(units), weights, scale, self.mu, iterations=iterations, r2=r2, layers=layers)
+        return RelevantUnitsResult(
+            list(units), weights, scale, self.mu, iterations=iterations, r2=r2, layers=layers, reshape=self.reshape
+        )
 
     def fit(
         self, model: nn.Module, data: Data, *, num_classes: int | None = None, max_samples: int | None = None
@@ -380,11 +407,13 @@ def unit_visuals(
     k: int = 8,
     batch_size: int = 64,
     fields: Mapping[str, ReceptiveField] | None = None,
+    reshape: Reshape = None,
 ) -> list[UnitVisual]:
     """The interpretation visuals of ``units`` (``(layer, channel)`` pairs) on ``data``: one streaming pass keeps
     each unit's top-k images (:class:`~lightning_xai.interpretation.visualization.TopKBuffer`), then the crops of
     the receptive field (measured with :func:`receptive_field` unless given in ``fields``) around each image's
-    strongest response, and the average crop."""
+    strongest response, and the average crop. ``reshape``: how token layers become unit maps (see
+    :class:`RelevantUnitAnalysis`); their units see the whole image, so their crops are the whole images."""
     check_int("k", k, minimum=1, owner="unit_visuals")
     units = [(resolve_layer(model, layer)[0], int(ch)) for layer, ch in units]
     if not units:
@@ -407,7 +436,7 @@ def unit_visuals(
             model(x.to(device))
             scores, positions = [], []
             for layer, ch in units:
-                act = captures[layer].activation
+                act = _maps(captures[layer].activation, x, reshape, "unit_visuals", layer)
                 if ch >= act.shape[1]:
                     raise ValueError(f"unit {ch} is out of range for layer {layer!r} with {act.shape[1]} units")
                 amap = act[:, ch].float().cpu()

@@ -1,12 +1,15 @@
 """Unit ablation: zero a layer's channels with forward hooks (:func:`ablate_units`), and measure each class's
 accuracy with its relevant units zeroed against as many random units zeroed (:func:`unit_ablation`, the check
 of Oramas, Wang & Tuytelaars, ICLR 2019). Eval mode, every hook removed and the model's state restored.
+
+A unit is a channel: dim 1 of a feature map ``[B, C, ...]``, and the last dim of a vision transformer's token
+layer ``[B, T, D]`` (zeroed in every token, the class token included), as relevant units read it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.checks import check_int
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device
+from lightning_xai.interpretation.layer_maps import is_token_output
 
 if TYPE_CHECKING:
     from lightning_xai.interpretation.relevant_units import RelevantUnitsResult
@@ -25,8 +29,11 @@ __all__ = ["AblationReport", "ablate_units", "unit_ablation"]
 
 
 @contextlib.contextmanager
-def ablate_units(model: nn.Module, units: Mapping[str, Sequence[int] | Tensor]) -> Iterator[None]:
-    """Zero the given channels (dim 1) of each named layer's output while the context is open.
+def ablate_units(
+    model: nn.Module, units: Mapping[str, Sequence[int] | Tensor], *, token_layers: Collection[str] = ()
+) -> Iterator[None]:
+    """Zero the given channels (dim 1) of each named layer's output while the context is open; for the layers in
+    ``token_layers`` (outputs ``[B, T, D]``) the channels are the last dim, zeroed in every token.
 
     The hooks return a modified copy (never an in-place change of the layer's output) and are removed on exit,
     also on error.
@@ -39,15 +46,21 @@ def ablate_units(model: nn.Module, units: Mapping[str, Sequence[int] | Tensor]) 
             if idx.numel() == 0:
                 continue
 
-            def hook(_m: nn.Module, _i: tuple, output: Tensor, idx: Tensor = idx, name: str = name) -> Tensor:
-                if not isinstance(output, Tensor) or output.ndim < 2:
-                    raise TypeError(f"layer {name!r} must output a tensor [B, C, ...] to ablate its units")
-                if int(idx.max()) >= output.shape[1]:
+            tokens = name in token_layers or layer in token_layers
+
+            def hook(
+                _m: nn.Module, _i: tuple, output: Tensor, idx: Tensor = idx, name: str = name, tokens: bool = tokens
+            ) -> Tensor:
+                if not isinstance(output, Tensor) or output.ndim < (3 if tokens else 2):
+                    expected = "tokens [B, T, D]" if tokens else "a tensor [B, C, ...]"
+                    raise TypeError(f"layer {name!r} must output {expected} to ablate its units")
+                dim = output.ndim - 1 if tokens else 1
+                if int(idx.max()) >= output.shape[dim]:
                     raise ValueError(
-                        f"unit {int(idx.max())} is out of range for layer {name!r} with {output.shape[1]} units"
+                        f"unit {int(idx.max())} is out of range for layer {name!r} with {output.shape[dim]} units"
                     )
                 out = output.clone()
-                out[:, idx.to(out.device)] = 0
+                out.index_fill_(dim, idx.to(out.device), 0)
                 return out
 
             handles.append(module.register_forward_hook(hook))
@@ -151,7 +164,8 @@ def unit_ablation(
     ``positive_only`` (default) ablates the units with a positive weight, whose response supports the class.
     Each sample is evaluated ``2 + num_random`` times (plain, relevant-ablated, random-ablated), in chunks of
     ``batch_size``; the random draws depend only on ``seed`` and the class, not on the data order. Counts are
-    returned (summable across data shards).
+    returned (summable across data shards). Layers that emit tokens ``[B, T, D]`` for image inputs are ablated
+    along ``D`` (see the module docstring).
     """
     check_int("num_random", num_random, minimum=1, owner="unit_ablation")
     check_int("batch_size", batch_size, minimum=1, owner="unit_ablation")
@@ -163,6 +177,7 @@ def unit_ablation(
     rel = torch.zeros(num_classes, dtype=torch.long)
     rnd = torch.zeros(num_classes, num_random, dtype=torch.long)
     device = model_device(model)
+    layers = list(dict.fromkeys(layer for layer, _ in result.units))
     with model_state_guard(model), torch.no_grad():
         for x, y in iterate_batches(data, batch_size):
             if y is None:
@@ -170,16 +185,19 @@ def unit_ablation(
             x, y = x.to(device), y.reshape(-1).long().to(device)
             if int(y.max()) >= num_classes or int(y.min()) < 0:
                 raise ValueError(f"labels must be in 0..{num_classes - 1}, got {y.unique().tolist()}")
-            pred = model(x).argmax(dim=1)
+            with contextlib.ExitStack() as stack:
+                captures = [stack.enter_context(capture_layer(model, layer, clone_output=False)) for layer in layers]
+                pred = model(x).argmax(dim=1)
+            tokens = {cap.name for cap in captures if is_token_output(cap.activation, x)}
             for c in y.unique().tolist():
                 sel = y == c
                 xc = x[sel]
                 totals[c] += int(sel.sum())
                 base[c] += int((pred[sel] == c).sum())
-                with ablate_units(model, relevant[c]):
+                with ablate_units(model, relevant[c], token_layers=tokens):
                     rel[c] += int((model(xc).argmax(dim=1) == c).sum())
                 for r, spec in enumerate(randoms[c]):
-                    with ablate_units(model, spec):
+                    with ablate_units(model, spec, token_layers=tokens):
                         rnd[c, r] += int((model(xc).argmax(dim=1) == c).sum())
     counts = torch.tensor([sum(len(v) for v in relevant[c].values()) for c in range(num_classes)])
     return AblationReport(totals, base, rel, rnd, counts)
