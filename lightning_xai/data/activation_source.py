@@ -22,11 +22,8 @@ Formerly part of ``lightning_xai.models.activations``, which re-exports every na
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +32,19 @@ from torch import Tensor, nn
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, resolve_layer, stop_after_calls
 from lightning_xai.checks import check_bool, check_choice, check_int
+from lightning_xai.data.activation_batch import (
+    ActivationBatch,
+    _attention_mask_of,
+    _images_of,
+    as_activation_batch,
+)
+from lightning_xai.data.frozen_model import (
+    _layers_with_token_outputs,
+    _model_device,
+    _model_pad_token,
+    load_weights,
+    model_fingerprint,
+)
 from lightning_xai.distributed import Reducer, default_reducer
 
 __all__ = [
@@ -56,52 +66,6 @@ CACHE_DTYPES = ("float32", "float16")
 
 
 CACHE_FORMAT = 1
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (hex) of the model's state dict: every name, dtype, shape and value (parameters and buffers).
-
-    Identical weights give identical fingerprints on any device; used to tell whether an activation cache was
-    written by this very model.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if not isinstance(tensor, Tensor):
-            continue
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state dict file into ``model`` (strict): a ``torch.save``-d state dict, or a Lightning checkpoint
-    (its ``"state_dict"``). When the keys only match after removing a common prefix (``"backbone."`` of an
-    :class:`~lightning_xai.models.ImageClassifier` checkpoint, ``"model."``), the prefix is removed."""
-    if not os.path.isfile(path):
-        raise ValueError(f"weights file {str(path)!r} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict or a Lightning checkpoint")
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        prefixes = {key.split(".", 1)[0] + "." for key in state if "." in key}
-        for prefix in sorted(prefixes):
-            stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            if set(stripped) == expected:
-                state = stripped
-                break
-    model.load_state_dict(state, strict=True)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 class ActivationSource(nn.Module):
@@ -489,103 +453,6 @@ class ActivationSource(nn.Module):
     def fingerprint(self) -> str:
         """:func:`model_fingerprint` of the model (cache key)."""
         return model_fingerprint(self.model)
-
-
-def _model_pad_token(model: nn.Module) -> int | None:
-    """The ``pad_token`` attribute (an int) of ``model`` or of its first submodule that has one, else ``None``."""
-    for module in model.modules():
-        value = getattr(module, "pad_token", None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-def _layers_with_token_outputs(model: nn.Module, inputs: Tensor) -> list[str]:
-    """Names of the modules whose output on ``inputs`` is a 3-D tensor (one forward pass; for error messages)."""
-    found: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def hook(_module: nn.Module, _inputs: tuple, output: object, name: str = name) -> None:
-            if isinstance(output, Tensor) and output.ndim == 3 and name not in found:
-                found.append(name)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad(), model_state_guard(model):
-            model(inputs)
-    except Exception:  # only a hint for an error message
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
-
-
-def _attention_mask_of(batch: Any) -> Tensor | None:
-    """The ``"attention_mask"`` (1 = real token) of a dict batch, else ``None`` (tuple batches carry none:
-    :class:`~lightning_xai.data.tokens.PlantedTokens`'s third element is the ground-truth key mask)."""
-    if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), Tensor):
-        return batch["attention_mask"]
-    return None
-
-
-def _images_of(batch: Any) -> Tensor:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for key in ("image", "images", "input", "inputs", "input_ids", "tokens", "x"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(f"cannot find images in a batch dict with keys {sorted(batch)}")
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
-        return batch[0]
-    raise TypeError(f"a batch must be an image tensor or a sequence (images, ...), got {type(batch).__name__}")
-
-
-@dataclass
-class ActivationBatch:
-    """What post-hoc method modules receive.
-
-    ``activations``: ``[N, d]`` vectors (``[B, C, h, w]`` for ``spatial="maps"``), scaled. ``images``: the image
-    batch they came from (token ids for ``spatial="tokens"``; ``None`` for cached batches). ``extras``: the rest of
-    the image batch, e.g. ``(labels, concept_labels)`` of a ``ConceptDataModule`` or ``(labels, concept_labels,
-    concept_masks)``. ``token_mask``: ``spatial="tokens"`` only, the :meth:`ActivationSource.token_mask` of the
-    token ids (True = real token; ``None``: every position is a row).
-    """
-
-    activations: Tensor
-    images: Tensor | None = None
-    extras: tuple[Any, ...] = ()
-    token_mask: Tensor | None = None
-
-    @property
-    def labels(self) -> Tensor | None:
-        """``extras[0]`` (the class labels of an image batch), if any."""
-        return self.extras[0] if self.extras and isinstance(self.extras[0], Tensor) else None
-
-    def __len__(self) -> int:
-        return self.activations.shape[0]
-
-
-def as_activation_batch(batch: Any) -> ActivationBatch:
-    """Accept an :class:`ActivationBatch`, a tensor of vectors, ``(vectors, ...)`` (e.g. a ``TensorDataset``
-    batch) or a :class:`CachedActivationBatches` item (used as is, without the source's scale): all but the first
-    become an :class:`ActivationBatch` without images."""
-    if isinstance(batch, ActivationBatch):
-        return batch
-    if isinstance(batch, Tensor):
-        return ActivationBatch(batch)
-    if isinstance(batch, Mapping) and "cached_activations" in batch:  # a CachedActivationBatches item (unscaled)
-        return ActivationBatch(batch["cached_activations"])
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and batch and isinstance(batch[0], Tensor):
-        return ActivationBatch(batch[0], None, tuple(batch[1:]))
-    raise TypeError(
-        f"expected an ActivationBatch (from ActivationDataModule), a tensor of activation vectors or (vectors, ...); "
-        f"got {type(batch).__name__}"
-    )
 
 
 def find_activation_source(trainer: Any) -> ActivationSource | None:

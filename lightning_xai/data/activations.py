@@ -62,20 +62,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from lightning_xai.checks import check_bool, check_int
+from lightning_xai.data.activation_batch import ActivationBatch, _attention_mask_of, _images_of, as_activation_batch
 from lightning_xai.data.activation_source import (
     CACHE_DTYPES,
     CACHE_FORMAT,
     SPATIAL_MODES,
-    ActivationBatch,
     ActivationSource,
-    _attention_mask_of,
-    _images_of,
-    _model_device,
-    as_activation_batch,
     find_activation_source,
-    load_weights,
-    model_fingerprint,
 )
+from lightning_xai.data.frozen_model import _model_device, load_weights, model_fingerprint
 from lightning_xai.distributed import Reducer, default_reducer, rank_and_world_size
 from lightning_xai.namespace import pl
 
