@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_xai.attribution.base import model_state_guard
-from lightning_xai.checks import check_int
+from lightning_xai.checks import check_choice, check_int
 from lightning_xai.distributed import gather_rows, sum_over_ranks
 from lightning_xai.namespace import pl
 from lightning_xai.viz.logging import log_line_plot
@@ -102,10 +102,6 @@ def _intervention_masks(positions: Tensor, membership: Tensor) -> Tensor:
     return (chosen[..., None] & membership[None, None]).any(dim=2)
 
 
-def _images_of(batch: Any) -> Tensor:
-    return batch if isinstance(batch, Tensor) else batch[0]
-
-
 def _loader_from(data: Any, split: str) -> Iterable[Any]:
     """The ``split`` loader of a datamodule (set up for it), or ``data`` itself (a DataLoader or any iterable)."""
     if isinstance(data, pl.LightningDataModule):
@@ -182,16 +178,16 @@ class InterventionMixin:
     def calibrate_interventions(self, data: Any, split: str = "train", max_batches: int | None = None) -> Tensor:
         """Recompute the logit-bottleneck intervention values from one eval-mode pass over the training data.
 
-        ``data`` is a DataLoader (or any iterable of ``(images, ...)`` batches) or a datamodule (its ``split``
-        loader is used). Sets and returns the ``[2, k]`` 5th/95th percentiles of the concept logits. Restores
-        the model's modes afterwards; DDP ranks' logits are gathered when a process group is initialised.
+        ``data`` is a DataLoader (or any iterable of batches the model's ``batch_reader`` reads) or a datamodule
+        (its ``split`` loader is used). Sets and returns the ``[2, k]`` 5th/95th percentiles of the concept logits.
+        Restores the model's modes afterwards; DDP ranks' logits are gathered when a process group is initialised.
         """
         rows = []
         with model_state_guard(self), torch.no_grad():
             for i, batch in enumerate(_loader_from(data, split)):
                 if max_batches is not None and i >= max_batches:
                     break
-                rows.append(self.concept_logits(_images_of(batch).to(self.device)).float())
+                rows.append(self.concept_logits(self.batch_reader.inputs(batch).to(self.device)).float())
         if not rows:
             raise ValueError("calibrate_interventions got no batches")
         return self._set_percentiles(torch.cat(rows))
@@ -215,7 +211,7 @@ class InterventionMixin:
         """Task accuracy after intervening on 0, 1, ..., G concept groups (mean over random orders).
 
         Args:
-            data: a DataLoader (or iterable) of ``(images, labels, concept_labels)`` batches, or a datamodule
+            data: a DataLoader (or iterable) of batches with images, labels and concepts, or a datamodule
                 (its ``split`` loader is used).
             groups: the concept groups: a mapping ``name -> concept indices`` or a list of index lists. ``None``:
                 the ``categories`` of the dataset behind ``data`` when it has them (e.g. ``ConceptScenes``), else
@@ -230,8 +226,7 @@ class InterventionMixin:
         Runs in eval mode under ``no_grad`` (modes restored afterwards). Under DDP (process group initialised)
         the correct/total counts are summed over ranks, so sharded loaders give the global curve.
         """
-        if order not in INTERVENTION_ORDERS:
-            raise ValueError(f"unknown order {order!r}; valid orders: {list(INTERVENTION_ORDERS)}")
+        check_choice("order", order, INTERVENTION_ORDERS, owner="ConceptBottleneckModel")
         check_int("n_orders", n_orders, minimum=1, owner="ConceptBottleneckModel")
         names, membership = self._resolve_groups(groups if groups is not None else _dataset_groups(data, split))
         num_groups = membership.shape[0]

@@ -60,6 +60,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAccuracy
 
 from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.batch import BatchReader, Key
 from lightning_xai.checks import check_choice, check_float, check_int
 from lightning_xai.distributed import sum_over_ranks
 from lightning_xai.evaluation.concepts import ConceptAUROC, auc_matrix
@@ -71,7 +72,6 @@ from lightning_xai.models.cbm_interventions import (
     GroupSpec,  # noqa: F401 - re-exported
     InterventionCurve,
     InterventionMixin,
-    _images_of,
     _loader_from,  # noqa: F401 - re-exported (concept whitening and older callers import it from here)
     column_quantiles,
     log_intervention_curve,
@@ -133,11 +133,17 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
             intervention percentiles of a logit bottleneck.
         head_lr: learning rate of the task head (``None``: ``lr``). The head is a small model on ``k`` inputs that
             usually tolerates a larger rate, which shortens the head stage of ``"independent"``/``"sequential"``.
-        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss: see
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss, input_key, label_key: see
             :class:`~lightning_xai.models.base.XAIModule`.
+        concept_key: where the concept labels are in a batch (see :class:`~lightning_xai.batch.BatchReader`);
+            ``None``: a tuple's third element, or a dict's / object's ``"concepts"`` (or ``"concept_labels"``).
 
-    Batches are ``(images, labels, concept_labels)`` with ``concept_labels`` float 0/1 ``[B, k]`` (the batches of
-    :class:`~lightning_xai.data.concepts.ConceptDataModule`); ``"standard"`` also accepts ``(images, labels)``.
+    Batches are read by :class:`~lightning_xai.batch.BatchReader`: by default ``(images, labels, concept_labels)``
+    tuples with ``concept_labels`` float 0/1 ``[B, k]`` (the batches of
+    :class:`~lightning_xai.data.concepts.ConceptDataModule`) or dicts ``{"image", "label", "concepts"}``; other
+    layouts with ``input_key`` / ``label_key`` / ``concept_key``. ``"standard"`` mode and evaluation also accept
+    batches without concepts. A batch without the labels or concepts a step needs raises a ``ValueError`` naming
+    the model, what is missing, the batch's fields and the argument to pass.
     """
 
     def __init__(
@@ -161,10 +167,14 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
         scheduler: str | None = None,
         momentum: float = 0.9,
         on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
+        concept_key: Key | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
-                         on_nonfinite_loss=on_nonfinite_loss)
+                         on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         owner = type(self).__name__
+        self.batch_reader = BatchReader(input_key, label_key, owner=owner, concept_key=concept_key)
         check_choice("mode", mode, MODES, owner=owner)
         check_choice("bottleneck", bottleneck, BOTTLENECKS, owner=owner)
         k = check_int("num_concepts", num_concepts, minimum=1, owner=owner)
@@ -335,19 +345,12 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
         return concept_labels
 
     def _unpack(self, batch: Any, need_concepts: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        if isinstance(batch, Tensor) or len(batch) < 2:
-            raise ValueError("batches must be (images, labels, concept_labels) tuples")
-        x, y = batch[0], batch[1]
+        """``(images, labels, concept labels or None)`` of ``batch``, read by :attr:`batch_reader`."""
+        reader = self.batch_reader
+        x, y = reader.inputs(batch), reader.labels(batch, required=True)
         self.check_class_labels(y)
-        c = batch[2] if len(batch) > 2 else None
-        if c is None:
-            if need_concepts:
-                raise ValueError(
-                    f"mode={self.mode!r} needs concept labels: batches must be (images, labels, concept_labels)"
-                )
-        else:
-            c = self._check_concept_labels(c).float()
-        return x, y, c
+        c = reader.concepts(batch, required=need_concepts)
+        return x, y, None if c is None else self._check_concept_labels(c).float()
 
     def _concept_loss(self, concept_logits: Tensor, concept_labels: Tensor) -> Tensor:
         return F.binary_cross_entropy_with_logits(
@@ -397,7 +400,7 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
         if not self.loss_is_usable(StepOutput(out.loss, {k: v for k, v in parts.items() if v is not None}), "train",
                                    batch_idx):
             return None
-        y, c = batch[1], (batch[2] if len(batch) > 2 else None)
+        _, y, c = self._unpack(batch, need_concepts=False)
         n = len(y)
         self.log("train_loss", out.loss, on_step=True, on_epoch=True, sync_dist=True, batch_size=n, prog_bar=True)
         if out.task_loss is not None:
@@ -484,8 +487,8 @@ class ConceptBottleneckModel(InterventionMixin, XAIModule):
         self._log_auc("test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Task logits ``[B, num_classes]`` of ``batch`` (an image tensor, or a tuple whose first item is one)."""
-        return self(_images_of(batch))
+        """Task logits ``[B, num_classes]`` of ``batch`` (an image tensor, or a batch whose input the reader finds)."""
+        return self(self.batch_reader.inputs(batch))
 
     # ------------------------------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
