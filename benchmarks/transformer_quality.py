@@ -23,6 +23,15 @@ Columns (mean over the explained samples; ``random`` = uniform random maps, the 
 * ``rand. corr.``: Spearman correlation between the maps of the trained model and of the same architecture with
   freshly initialised weights (the model-randomisation sanity check of Adebayo et al., "Sanity Checks for
   Saliency Maps", NeurIPS 2018); near 0 passes, near 1 fails (the map does not depend on what was learned).
+
+The text table is scored by the library's own metrics (:mod:`lightning_xai.evaluation`, as
+:class:`~lightning_xai.callbacks.ExplanationQuality` scores token models), padding left out everywhere: mass and
+pointing by :func:`~lightning_xai.evaluation.relevance_mass` / :func:`~lightning_xai.evaluation.pointing_game` with
+``valid`` = the non-padding tokens; deletion by :func:`~lightning_xai.evaluation.deletion_auc` over token ids
+(``mask_token``, ``pad_token``; the x axis is the fraction of each sequence's own tokens, ``steps`` points); the
+randomisation correlation by :func:`~lightning_xai.evaluation.spearman_correlation` over each sequence's tokens
+(tied padding zeros would count as agreement). Samples a metric cannot score (a map with no positive relevance
+has no mass share) are left out of that mean and counted below the table.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ import lightning_xai.attribution.token_surrogate  # noqa: F401  (these imports r
 from lightning_xai.attribution.base import ATTRIBUTORS, build_attributor
 from lightning_xai.data.groundtruth import GroundTruthShapes
 from lightning_xai.data.tokens import MASK_TOKEN, PAD_TOKEN, PlantedTokens
+from lightning_xai.evaluation import deletion_auc as deletion_areas
+from lightning_xai.evaluation import pointing_game, relevance_mass, spearman_correlation
 from lightning_xai.models.transformers import TextTransformer, vit_tiny
 
 VIT_METHODS = {
@@ -211,9 +222,22 @@ def text_table(args: argparse.Namespace) -> None:
     random_model = make().eval()
     ids, y, gt = test.tokens, test.labels, test.masks
     valid = ids != PAD_TOKEN
+    excluded: dict[str, list[int]] = {}
 
-    def remove(tokens: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
-        return torch.where(removed & valid, MASK_TOKEN, tokens)
+    def mean(label: str, values: torch.Tensor) -> float:
+        excluded.setdefault(label, []).append(int(torch.isnan(values).sum()))
+        return float(values.nanmean())
+
+    def scores_of(label: str, maps: torch.Tensor) -> tuple[float, float, float]:
+        mass = mean(label, relevance_mass(maps, gt, valid=valid))
+        pointing = mean(label, pointing_game(maps, gt, valid=valid))
+        areas = deletion_areas(maps, ids, model, y, steps=args.steps, mask_token=MASK_TOKEN, pad_token=PAD_TOKEN)
+        return mass, pointing, mean(label, areas)
+
+    def token_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+        """Mean over sequences of the Spearman correlation over the sequence's tokens (padding left out)."""
+        return float(torch.stack([spearman_correlation(a[i][valid[i]][None], b[i][valid[i]][None])[0]
+                                  for i in range(a.shape[0])]).nanmean())
 
     rows = []
     for label, spec in TEXT_METHODS.items():
@@ -221,22 +245,21 @@ def text_table(args: argparse.Namespace) -> None:
         start = time.time()
         scores = method(model, ids, y)
         took = time.time() - start
-        mass, pointing = mass_and_pointing(scores, gt)
-        order = scores.masked_fill(~valid, float("-inf")).argsort(1, descending=True)
-        deletion = deletion_auc(model, ids, y, order, remove, args.steps)
-        corr = spearman(scores.masked_fill(~valid, 0), method(random_model, ids, y).masked_fill(~valid, 0))
+        mass, pointing, deletion = scores_of(label, scores)
+        corr = token_spearman(scores, method(random_model, ids, y))
         rows.append((label, mass, pointing, deletion, corr, took))
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(ids.shape, generator=g) * valid
-    mass, pointing = mass_and_pointing(noise, gt)
-    order = noise.masked_fill(~valid, -1.0).argsort(1, descending=True)
-    rows.append(("random", mass, pointing, deletion_auc(model, ids, y, order, remove, args.steps), 0.0, 0.0))
+    rows.append(("random", *scores_of("random", noise), 0.0, 0.0))
     table(
         f"Text: TextTransformer (width 32, 2 blocks) on PlantedTokens (4 classes, 2 keys in 10-16 tokens); "
         f"{args.text_train} sequences x {args.text_epochs} epochs ({seconds:.0f} s), test accuracy {acc:.3f}; "
         f"{args.explain} sequences explained (true class); ground truth: the key positions",
         rows,
     )
+    left_out = {k: v for k, v in excluded.items() if any(v)}
+    if left_out:
+        print("left out of the means (mass, pointing, deletion): " + "; ".join(f"{k} {v}" for k, v in left_out.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
