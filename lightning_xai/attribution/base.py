@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xai.batch import read_logits
-from lightning_xai.checks import check_int
 
 #: What to explain: a class index for the whole batch, a ``LongTensor[B]`` of class indices, or a callable
 #: mapping the model output to one score per sample (``output -> Tensor[B]``), e.g. ``lambda y: y[:, a] - y[:, b]``
@@ -200,12 +199,6 @@ def chunk_slices(total: int, batch_size: int) -> Iterator[slice]:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, total, batch_size):
         yield slice(start, min(start + batch_size, total))
-
-
-def check_positive_int(name: str, value: int, minimum: int = 1, *, owner: str | None = None) -> int:
-    """Validate an integer hyper-parameter (``>= minimum``): :func:`lightning_xai.checks.check_int`, kept under
-    this name because the evaluation and interpretation layers import it from here."""
-    return check_int(name, value, minimum=minimum, owner=owner)
 
 
 def input_gradient(scores: Tensor, inputs: Tensor, *, create_graph: bool = False) -> Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "InMemoryDataModule",
     "SplitLoaders",
     "balanced_labels",
+    "check_image_size",
     "derive_seeds",
     "make_loader",
 ]
@@ -39,6 +40,13 @@ def derive_seeds(seed: int, count: int) -> list[int]:
     check_int("seed", seed, minimum=0, owner="derive_seeds")
     states = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64)
     return [int(s >> np.uint64(1)) for s in states]
+
+
+def check_image_size(image_size: int, minimum: int) -> int:
+    """``image_size`` (pixels per side) of a generated dataset, at least ``minimum``: its smallest drawable scene."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < minimum:
+        raise ValueError(f"image_size must be an int >= {minimum} (pixels), got {image_size!r}")
+    return image_size
 
 
 def balanced_labels(size: int, num_classes: int, generator: torch.Generator) -> Tensor:

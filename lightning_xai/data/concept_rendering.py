@@ -159,12 +159,6 @@ def chunk_size(image_size: int) -> int:
     return max(1, CHUNK_PIXELS // (image_size * image_size))
 
 
-def _check_image_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} (pixels), got {image_size!r}")
-    return image_size
-
-
 def _check_max_objects(max_objects: int) -> int:
     if isinstance(max_objects, bool) or not isinstance(max_objects, int) or not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be an int in [1, {MAX_OBJECTS}], got {max_objects!r}")
@@ -179,12 +173,6 @@ def _check_spurious_tag(spurious_tag: float | None) -> float | None:
     if not 0.0 <= spurious_tag <= 1.0:  # also rejects NaN
         raise ValueError(f"spurious_tag must be None or a probability in [0, 1], got {spurious_tag!r}")
     return float(spurious_tag)
-
-
-def _check_size(size: int, name: str = "size") -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{name} (number of images) must be a positive int, got {size!r}")
-    return size
 
 
 def _pixel_grid(image_size: int) -> tuple[Tensor, Tensor]:

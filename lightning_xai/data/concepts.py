@@ -72,7 +72,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels
+from lightning_xai.checks import check_int
+from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels, check_image_size
 from lightning_xai.data.concept_rendering import (  # noqa: F401 - the public names are re-exported
     _NUM_BASE,
     _OFFSETS,
@@ -92,9 +93,7 @@ from lightning_xai.data.concept_rendering import (  # noqa: F401 - the public na
     TEMPERATURE_NAMES,
     TEMPERATURES,
     _check_class_rule,
-    _check_image_size,
     _check_max_objects,
-    _check_size,
     _check_spurious_tag,
     _LazyConceptMasks,
     _pixel_grid,
@@ -180,8 +179,8 @@ class ConceptScenes(GeneratedDataset):
         spurious_tag: float | None = None,
         seed: int = 0,
     ) -> None:
-        size = _check_size(size)
-        self.image_size = _check_image_size(image_size)
+        size = check_int("size", size, minimum=1, owner=type(self).__name__)
+        self.image_size = check_image_size(image_size, MIN_IMAGE_SIZE)
         self.max_objects = _check_max_objects(max_objects)
         self.class_rule = _check_class_rule(class_rule)
         self.spurious_tag = _check_spurious_tag(spurious_tag)
@@ -380,7 +379,7 @@ class ConceptDataModule(InMemoryDataModule):
         spurious_tag: float | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        self.image_size = _check_image_size(image_size)
+        self.image_size = check_image_size(image_size, MIN_IMAGE_SIZE)
         self.seeded_splits(n_train, n_val, n_test, seed)
         self.max_objects = _check_max_objects(max_objects)
         self.class_rule = _check_class_rule(class_rule)

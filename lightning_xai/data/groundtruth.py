@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels
+from lightning_xai.checks import check_int
+from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels, check_image_size
 
 __all__ = [
     "DISC_COLORS_12",
@@ -117,12 +118,6 @@ def _check_num_classes(num_classes: int) -> int:
     if isinstance(num_classes, bool) or num_classes not in (6, 12):
         raise ValueError(f"num_classes must be 6 (disc colour) or 12 (disc and stem colours), got {num_classes!r}")
     return int(num_classes)
-
-
-def _check_image_size(image_size: int) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size must be an int >= {MIN_IMAGE_SIZE} (pixels), got {image_size!r}")
-    return image_size
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -260,9 +255,8 @@ class GroundTruthShapes(GeneratedDataset):
 
     def __init__(self, num_classes: int = 6, size: int = 1000, image_size: int = 64, seed: int = 0) -> None:
         self.num_classes = _check_num_classes(num_classes)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size (number of images) must be a positive int, got {size!r}")
-        self.image_size = _check_image_size(image_size)
+        check_int("size", size, minimum=1, owner=type(self).__name__)
+        self.image_size = check_image_size(image_size, MIN_IMAGE_SIZE)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
@@ -309,7 +303,7 @@ class GroundTruthDataModule(InMemoryDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.num_classes = _check_num_classes(num_classes)
-        self.image_size = _check_image_size(image_size)
+        self.image_size = check_image_size(image_size, MIN_IMAGE_SIZE)
         self.seeded_splits(n_train, n_val, n_test, seed)
         self.class_names = class_names(self.num_classes)
         self.in_channels = 3

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_xai.checks import check_float, check_int
 from lightning_xai.viz.render import (
     ArrayLike,
     _as_tensor,
-    _check_alpha,
     _check_percentile,
     _gray,
     colorize,
@@ -307,10 +307,9 @@ def render_explanations(
     for name in maps:
         if not isinstance(name, str) or not name or name == "input":
             raise ValueError(f"method names must be non-empty strings other than 'input', got {name!r}")
-    _check_alpha(alpha)
+    check_float("alpha", alpha, minimum=0.0, maximum=1.0)
     _check_percentile(percentile)
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or not 8 <= tile_size <= 1024:
-        raise ValueError(f"tile_size must be an int in [8, 1024], got {tile_size!r}")
+    check_int("tile_size", tile_size, minimum=8, maximum=1024)
     if scale is not None and not isinstance(scale, ScaleTracker):
         raise TypeError(f"scale must be a ScaleTracker or None, got {type(scale).__name__}")
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_xai.checks import check_float, check_int
 from lightning_xai.viz.style import colormap_table
 
 __all__ = [
@@ -88,11 +89,6 @@ def _check_signed_arg(signed: bool | None) -> None:
 def _check_percentile(percentile: float) -> None:
     if isinstance(percentile, bool) or not isinstance(percentile, int | float) or not 0.0 < percentile <= 100.0:
         raise ValueError(f"percentile must be a number in (0, 100], got {percentile!r}")
-
-
-def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
 
 
 def is_signed(attributions: ArrayLike) -> bool:
@@ -292,7 +288,7 @@ def overlay(
     Returns:
         ``numpy.uint8`` array ``[B, H, W, 3]``.
     """
-    _check_alpha(alpha)
+    check_float("alpha", alpha, minimum=0.0, maximum=1.0)
     _check_signed_arg(signed)
     _check_percentile(percentile)
     base = to_uint8_images(images, mean, std)
@@ -329,9 +325,8 @@ def explanation_grid(
     """
     if not isinstance(maps, Mapping):
         raise TypeError(f"maps must be a mapping of method name -> attributions, got {type(maps).__name__}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"pad must be a non-negative int, got {pad!r}")
-    _check_alpha(alpha)
+    check_int("pad", pad, minimum=0, owner="explanation_grid")
+    check_float("alpha", alpha, minimum=0.0, maximum=1.0)
     _check_signed_arg(signed)
     _check_percentile(percentile)
     base = to_uint8_images(images, mean, std)
@@ -376,8 +371,7 @@ def tile_images(images: np.ndarray, columns: int | None = None, pad: int = 2) ->
     ``pad`` pixels; ``columns=None`` puts them all in one row."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ValueError(f"tile_images expects a uint8 [n, H, W, 3] array, got {getattr(images, 'shape', images)!r}")
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ValueError(f"tile_images: pad must be a non-negative int, got {pad!r}")
+    check_int("pad", pad, minimum=0, owner="tile_images")
     n, h, w, _ = images.shape
     columns = max(1, n) if columns is None else max(1, min(int(columns), max(1, n)))
     rows = -(-n // columns)
@@ -395,7 +389,6 @@ def upscale_nearest(image: np.ndarray, minimum: int = 32) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
         got = getattr(image, "shape", image)
         raise ValueError(f"upscale_nearest expects an [H, W, 3] or [H, W] array, got {got!r}")
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 1:
-        raise ValueError(f"upscale_nearest: minimum must be a positive int, got {minimum!r}")
+    check_int("minimum", minimum, minimum=1, owner="upscale_nearest")
     factor = max(1, -(-minimum // max(1, min(image.shape[:2]))))
     return np.ascontiguousarray(image.repeat(factor, axis=0).repeat(factor, axis=1))
