@@ -350,3 +350,15 @@ def test_tokens_asked_for_on_images_is_a_configuration_error(tmp_path):
     trainer = quiet_trainer(max_epochs=1, callbacks=[quality], default_root_dir=str(tmp_path))
     with pytest.raises(ConfigurationError, match="input_kind='tokens' but the probe inputs are torch.float32"):
         trainer.fit(TinyClassifier(), BlobData())
+
+
+def test_token_data_without_masks_names_token_masks(tmp_path):
+    class NoMasks(PlantedTokensDataModule):
+        def make_dataset(self, split):
+            data = super().make_dataset(split)
+            return torch.utils.data.TensorDataset(data.tokens, data.labels)
+
+    quality = ExplanationQuality(TOKEN_METHODS, metrics=["pointing_game"], num_samples=2)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[quality], default_root_dir=str(tmp_path))
+    with pytest.raises(ConfigurationError, match=r"all need token masks.*\['deletion_auc', 'insertion_auc'\]"):
+        trainer.fit(TextClassifier(max_len=16), datamodule=NoMasks(n_train=64, n_val=8, n_test=8, min_length=10))

@@ -263,6 +263,10 @@ class ExplanationQuality(XAICallback):
                 "the [MASK] or [UNK] id; lightning_xai.data.tokens.MASK_TOKEN for PlantedTokens)"
             )
 
+    def _fits(self, name: str) -> bool:
+        """Whether metric ``name`` can score this callback's inputs (any metric on images)."""
+        return not self.tokens or name in TOKEN_METRICS
+
     def _metric_mask_token(self, name: str) -> int | None:
         return self.metric_kwargs.get(name, {}).get("mask_token", self.mask_token)
 
@@ -310,9 +314,10 @@ class ExplanationQuality(XAICallback):
         active = self._applicable(has_masks)
         if not active:
             raise ConfigurationError(
-                f"{self.name}: metrics={self.metrics} all need pixel masks, but the {self.split} data has none "
-                f"(read with mask_key={self.reader.mask_key!r}); add metrics that need no masks "
-                f"({[m for m, (_c, n) in QUALITY_METRICS.items() if n != 'mask']}) or data with masks"
+                f"{self.name}: metrics={self.metrics} all need {'token' if self.tokens else 'pixel'} masks, but "
+                f"the {self.split} data has none (read with mask_key={self.reader.mask_key!r}); add metrics that "
+                f"need no masks ({[m for m, (_c, n) in QUALITY_METRICS.items() if n != 'mask' and self._fits(m)]}) "
+                "or data with masks"
             )
         self.active_metrics = active
 
