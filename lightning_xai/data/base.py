@@ -21,6 +21,7 @@ __all__ = [
     "InMemoryDataModule",
     "SplitLoaders",
     "balanced_labels",
+    "check_generator_seed",
     "check_image_size",
     "derive_seeds",
     "make_loader",
@@ -47,6 +48,14 @@ def check_image_size(image_size: int, minimum: int) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < minimum:
         raise ValueError(f"image_size must be an int >= {minimum} (pixels), got {image_size!r}")
     return image_size
+
+
+def check_generator_seed(seed: int, owner: str) -> int:
+    """The integer seed of a generated dataset's ``torch.Generator``; a ``TypeError`` for anything else (a float
+    or bool seed would silently stand for another integer)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{owner}: seed must be an int, got {type(seed).__name__}")
+    return seed
 
 
 def balanced_labels(size: int, num_classes: int, generator: torch.Generator) -> Tensor:

@@ -73,7 +73,13 @@ import torch
 from torch import Tensor
 
 from lightning_xai.checks import check_int
-from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels, check_image_size
+from lightning_xai.data.base import (
+    GeneratedDataset,
+    InMemoryDataModule,
+    balanced_labels,
+    check_generator_seed,
+    check_image_size,
+)
 from lightning_xai.data.concept_rendering import (  # noqa: F401 - the public names are re-exported
     _NUM_BASE,
     _OFFSETS,
@@ -184,8 +190,7 @@ class ConceptScenes(GeneratedDataset):
         self.max_objects = _check_max_objects(max_objects)
         self.class_rule = _check_class_rule(class_rule)
         self.spurious_tag = _check_spurious_tag(spurious_tag)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        check_generator_seed(seed, type(self).__name__)
         self.seed = seed
         self.class_names = class_names(class_rule)
         self.num_classes = len(self.class_names)

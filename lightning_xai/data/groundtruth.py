@@ -31,7 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai.checks import check_int
-from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels, check_image_size
+from lightning_xai.data.base import (
+    GeneratedDataset,
+    InMemoryDataModule,
+    balanced_labels,
+    check_generator_seed,
+    check_image_size,
+)
 
 __all__ = [
     "DISC_COLORS_12",
@@ -257,8 +263,7 @@ class GroundTruthShapes(GeneratedDataset):
         self.num_classes = _check_num_classes(num_classes)
         check_int("size", size, minimum=1, owner=type(self).__name__)
         self.image_size = check_image_size(image_size, MIN_IMAGE_SIZE)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        check_generator_seed(seed, type(self).__name__)
         self.seed = seed
         self.class_names = class_names(self.num_classes)
 

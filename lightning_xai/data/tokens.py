@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_xai.checks import check_int
-from lightning_xai.data.base import GeneratedDataset, InMemoryDataModule, balanced_labels
+from lightning_xai.data.base import (
+    GeneratedDataset,
+    InMemoryDataModule,
+    balanced_labels,
+    check_generator_seed,
+)
 
 __all__ = [
     "MASK_TOKEN",
@@ -112,8 +117,7 @@ class PlantedTokens(GeneratedDataset):
         if min_length > seq_len:
             raise ValueError(f"{owner}: min_length must be <= seq_len = {seq_len}, got {min_length}")
         check_int("num_planted", num_planted, minimum=1, maximum=min_length, owner=owner)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"{owner}: seed must be an int, got {type(seed).__name__}")
+        check_generator_seed(seed, type(self).__name__)
         self.num_classes, self.seq_len, self.vocab_size = num_classes, seq_len, vocab_size
         self.keys_per_class, self.num_planted = keys_per_class, num_planted
         self.min_length, self.seed = min_length, seed
