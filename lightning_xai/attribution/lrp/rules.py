@@ -355,35 +355,39 @@ class ZBox(Rule):
         return {"low": self.low, "high": self.high}
 
 
-class Flat(Rule):
+class _WeightsOnlyRule(Rule):
+    """A first-layer rule that redistributes relevance by a function of the weights alone, independent of the
+    input values: the layer is evaluated on an all-ones input with the weights replaced by :meth:`_weights`."""
+
+    input_layer_rule = True
+
+    def __init__(self, stabilizer: float = 1e-9) -> None:
+        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner=type(self).__name__)
+
+    def _weights(self, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
+        weight, _ = layer_parameters(module)
+        ones = context.leaf(torch.ones_like(inputs[0]), self)
+        return _redistribute(layer_forward(module, ones, self._weights(weight), None), output, self.stabilizer)
+
+
+class Flat(_WeightsOnlyRule):
     """The flat rule (Lapuschkin et al., "Unmasking Clever Hans predictors...", Nature Communications 2019):
     every input in a unit's receptive field receives an equal share, ``R_j = sum_k 1 / (sum_j' 1) R_k``,
     independent of input values and weights. For the first layer only."""
 
-    input_layer_rule = True
-
-    def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="Flat")
-
-    def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
-        weight, _ = layer_parameters(module)
-        ones = context.leaf(torch.ones_like(inputs[0]), self)
-        return _redistribute(layer_forward(module, ones, torch.ones_like(weight), None), output, self.stabilizer)
+    def _weights(self, weight: Tensor) -> Tensor:
+        return torch.ones_like(weight)
 
 
-class WSquare(Rule):
+class WSquare(_WeightsOnlyRule):
     """The w-square rule (Montavon et al. 2017, deep Taylor decomposition for unbounded inputs):
     ``R_j = sum_k w_jk^2 / sum_j' w_j'k^2 R_k``, independent of input values. For the first layer only."""
 
-    input_layer_rule = True
-
-    def __init__(self, stabilizer: float = 1e-9) -> None:
-        self.stabilizer = check_float("stabilizer", stabilizer, minimum=0.0, strict=True, owner="WSquare")
-
-    def forward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, context: RuleContext) -> Tensor:
-        weight, _ = layer_parameters(module)
-        ones = context.leaf(torch.ones_like(inputs[0]), self)
-        return _redistribute(layer_forward(module, ones, weight * weight, None), output, self.stabilizer)
+    def _weights(self, weight: Tensor) -> Tensor:
+        return weight * weight
 
 
 class Pass(Rule):
