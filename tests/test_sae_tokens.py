@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning_helpers import quiet_trainer
 
 from lightning_xai.data.tokens import PAD_TOKEN, PlantedTokens, PlantedTokensDataModule
 from lightning_xai.distributed import ThreadGroup
@@ -165,25 +166,13 @@ def _tokens_data(**kwargs) -> PlantedTokensDataModule:
     return PlantedTokensDataModule(n_train=512, n_val=128, n_test=64, batch_size=64, seed=0, **DATA, **kwargs)
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
-
-
 def test_short_fit_explains_the_residual_stream_and_recovers_the_loss(text_model):
     pl.seed_everything(0)
     data = ActivationDataModule(_tokens_data(), text_model, "blocks.1", spatial="tokens", normalize=True,
                                 batch_size=256)
     module = SparseAutoencoder(TopKSAEConfig(d_in=DIM, d_sae=256, k=4), lr=3e-3)
     untrained = copy.deepcopy(module.sae)
-    trainer = _trainer(max_epochs=5)
+    trainer = quiet_trainer(max_epochs=5)
     trainer.fit(module, data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # measured: explained variance 0.95, loss recovered 1.000 (zero-ablation: CE 0.004 -> 1.39)
@@ -255,5 +244,5 @@ def test_tokens_mode_errors_name_the_class_the_value_and_the_choices(text_model,
         ActivationSource(text_model, "blocks.0", spatial="token")
     data = ActivationDataModule(_tokens_data(), text_model, "blocks.0", spatial="tokens")
     with pytest.raises(ValueError, match="SparseAutoencoder: log_top_latents=2 .* spatial='tokens'"):
-        _trainer(fast_dev_run=True).fit(SparseAutoencoder(TopKSAEConfig(d_in=DIM, d_sae=64, k=4), log_top_latents=2),
-                                        data)
+        module = SparseAutoencoder(TopKSAEConfig(d_in=DIM, d_sae=64, k=4), log_top_latents=2)
+        quiet_trainer(fast_dev_run=True).fit(module, data)
