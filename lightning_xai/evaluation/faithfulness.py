@@ -5,7 +5,10 @@ class. Conventions shared by every function and metric here:
 
 * **Inputs** are image batches ``[B, C, H, W]``; **attributions** ``[B, 1|C, H, W]`` (or ``[B, H, W]``) at the
   same spatial size, reduced to one signed relevance per pixel by summing channels. A pixel is perturbed in all
-  channels at once. Maps with ``NaN``/``inf`` raise ``ValueError``.
+  channels at once. Maps with ``NaN``/``inf`` raise ``ValueError``. Deletion and insertion also take **token
+  ids** ``LongTensor[B, T]`` with token maps ``[B, T]``: a removed token's id becomes ``mask_token`` (ids are
+  never interpolated or cast to float) and ``pad_token`` positions are never touched nor counted (see
+  :mod:`~lightning_xai.evaluation.deletion`).
 * **Score** ``f(x)``: the model output for ``target`` (an int, a ``LongTensor[B]``, or a callable applied
   row-wise to the output, ``output -> Tensor[n]``), after a softmax over dim 1 when ``softmax=True``.
 * **Model evaluation**: under ``torch.no_grad()`` in eval mode, every submodule's mode, ``requires_grad`` and
