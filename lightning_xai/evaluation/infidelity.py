@@ -174,7 +174,8 @@ def max_sensitivity(
 class _MonteCarloMetric(PerSampleMeanMetric):
     """What :class:`Infidelity` and :class:`MaxSensitivity` share: ``num_samples`` seeded perturbations per image
     (seeded by sample identity), evaluated in chunks of ``batch_size``; **lower is better**. A subclass names its
-    functional form (``estimate``) and the settings it adds (``_settings``)."""
+    functional form (``estimate``) and the settings it adds (``_settings``); its ``update`` calls
+    :meth:`_estimate`."""
 
     higher_is_better = False
     estimate: staticmethod
@@ -201,14 +202,10 @@ class _MonteCarloMetric(PerSampleMeanMetric):
         warnings.warn(f"{type(self).__name__}.samples is deprecated; use num_samples", DeprecationWarning, stacklevel=2)
         return self.num_samples
 
-    def update(
-        self,
-        attributions: Tensor | None,
-        inputs: Tensor,
-        model: nn.Module,
-        target: Target,
-        sample_ids: Tensor | None = None,
+    def _estimate(
+        self, attributions: Tensor | None, inputs: Tensor, model: nn.Module, target: Target, sample_ids: Tensor | None
     ) -> None:
+        """Score a batch with the functional form, the metric's settings and the samples' identities."""
         settings = settings_of(self, ("num_samples", "seed", "batch_size", *self._settings))
         keys = self._sample_keys(inputs.shape[0], sample_ids)
         self._accumulate(type(self).estimate(attributions, inputs, model, target, **settings, sample_ids=keys))
@@ -248,6 +245,16 @@ class Infidelity(_MonteCarloMetric):
         self.scale = bool(scale)
         self.softmax = bool(softmax)
 
+    def update(
+        self,
+        attributions: Tensor,
+        inputs: Tensor,
+        model: nn.Module,
+        target: Target,
+        sample_ids: Tensor | None = None,
+    ) -> None:
+        self._estimate(attributions, inputs, model, target, sample_ids)
+
 
 class MaxSensitivity(_MonteCarloMetric):
     """Mean max-sensitivity (Yeh et al., NeurIPS 2019) of an attributor; **lower is better**.
@@ -285,3 +292,13 @@ class MaxSensitivity(_MonteCarloMetric):
         self.attributor = resolve_attributor(attributor)
         self.radius = positive_float("radius", radius, owner=type(self).__name__)
         self.normalize = bool(normalize)
+
+    def update(
+        self,
+        attributions: Tensor | None,
+        inputs: Tensor,
+        model: nn.Module,
+        target: Target,
+        sample_ids: Tensor | None = None,
+    ) -> None:
+        self._estimate(attributions, inputs, model, target, sample_ids)
