@@ -190,3 +190,44 @@ def test_adversarial_batch_errors_name_the_model_the_missing_key_and_the_fields(
         adversarial("dict").training_step({"image": x}, 0)
     with pytest.raises(ValueError, match=r"AdversarialClassifier: input_key='img' is not in the batch"):
         adversarial("custom").training_step({"image": x, "target": torch.zeros(8, dtype=torch.long)}, 0)
+
+
+# ------------------------------------------------------------------------------------------ concept whitening
+def test_pooled_activations_read_dict_batches_like_tuples():
+    from lightning_xai.batch import BatchReader
+    from lightning_xai.models.whitening import pooled_activations
+
+    model = net(C)
+    expected = pooled_activations(model, "2", loader("tuple"))
+    for layout, reader in (("dict", None), ("custom", BatchReader("img", concept_key="attrs"))):
+        got = pooled_activations(model, "2", loader(layout), reader=reader)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(expected[1], data()[2])
+    with pytest.raises(ValueError, match=r"pooled_activations: the batch has no concept labels: it is a dict with "
+                                         r"fields \['image', 'label'\]"):
+        pooled_activations(model, "2", loader("dict", concepts=False))
+
+
+def test_concept_whitening_scores_purity_on_dict_batches_like_tuples():
+    from lightning_xai.data.concepts import ConceptScenes
+    from lightning_xai.models.concept_whitening import ConceptWhiteningClassifier
+
+    scenes = ConceptScenes(16, image_size=24, seed=3)
+    x = torch.stack([scenes[i][0] for i in range(16)])
+    y = torch.stack([torch.as_tensor(scenes[i][1]) for i in range(16)])
+    c = torch.stack([torch.as_tensor(scenes[i][2]) for i in range(16)]).float()
+    results = []
+    for batch, keys in (((x, y, c), {}), ({"img": x, "target": y, "attrs": c}, {**CUSTOM, "concept_key": "attrs"})):
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(6, 8))
+        model = ConceptWhiteningClassifier(["shape:circle", "colour:red"], backbone=backbone, layer="1", **keys)
+        model.set_concept_dataset(scenes)
+        model.eval()
+        with torch.no_grad():
+            loss = model.compute_losses(batch, "val").loss
+        results.append((loss, model.metrics_of("val", "purity")["concept_purity"].compute()))
+    (tuple_loss, tuple_purity), (dict_loss, dict_purity) = results
+    assert torch.equal(tuple_loss, dict_loss)
+    assert tuple_purity.shape == (2,) and torch.isfinite(tuple_purity).all()
+    assert torch.equal(tuple_purity, dict_purity)  # the dict's concepts were scored (they used to be skipped)

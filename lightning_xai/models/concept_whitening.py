@@ -64,7 +64,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import StopForward, forward_until_stopped, resolve_layer
-from lightning_xai.batch import Key
+from lightning_xai.batch import BatchReader, Key
 from lightning_xai.checks import check_bool, check_int
 from lightning_xai.distributed import sum_over_ranks
 from lightning_xai.models.backbones import build_backbone
@@ -140,6 +140,8 @@ class ConceptWhiteningClassifier(XAIModule):
             is smaller: 0.12 -> 0.10 on test activations at the by-design benchmark's defaults).
         optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss, input_key, label_key: see
             :class:`~lightning_xai.models.base.XAIModule`.
+        concept_key: where a batch's concept labels are (see :class:`~lightning_xai.batch.BatchReader`; default: a
+            tuple's third element, a dict's ``"concepts"``); only evaluation batches that have them are scored.
 
     Concept examples come from the datamodule's ``dataset(concept_split)`` (anything with ``concept_index`` and
     ``concept_examples``, e.g. :class:`~lightning_xai.data.concepts.ConceptScenes`) or from
@@ -174,9 +176,11 @@ class ConceptWhiteningClassifier(XAIModule):
         on_nonfinite_loss: str = "raise",
         input_key: Key | None = None,
         label_key: Key | None = None,
+        concept_key: Key | None = None,
     ) -> None:
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
                          on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
+        self.batch_reader = BatchReader(input_key, label_key, owner=type(self).__name__, concept_key=concept_key)
         self.recalibrate = check_bool("recalibrate", recalibrate, owner="ConceptWhiteningClassifier")
         if isinstance(concepts, str) or not isinstance(concepts, Sequence) or not concepts:
             raise ValueError(f"concepts must be a non-empty list of concept names, got {concepts!r}")
@@ -288,11 +292,12 @@ class ConceptWhiteningClassifier(XAIModule):
 
     # --------------------------------------------------------------------------------------------- training
     def compute_losses(self, batch: Any, split: str) -> StepOutput:
-        """Cross-entropy; outside training, batches with concept labels ``(images, labels, concept_labels)``
-        also update the concept purity (AUC of each aligned axis, mean-pooled)."""
+        """Cross-entropy; outside training, batches with concept labels (``concept_key``) also update the concept
+        purity (AUC of each aligned axis, mean-pooled)."""
         x, y = self.batch_reader.inputs(batch), self.batch_reader.labels(batch)
         self.check_class_labels(y)
-        if split != "train" and not isinstance(batch, dict) and len(batch) > 2 and self._concept_indices is not None:
+        concepts = self.batch_reader.concepts(batch) if split != "train" else None
+        if concepts is not None and self._concept_indices is not None:
             outputs: list[Tensor] = []
             handle = self.cw.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
             try:
@@ -300,7 +305,7 @@ class ConceptWhiteningClassifier(XAIModule):
             finally:
                 handle.remove()
             axes = outputs[-1][:, : len(self.concepts)].float().mean(dim=(2, 3))
-            labels = batch[2][:, self._concept_indices].long()
+            labels = concepts[:, self._concept_indices].long()
             self.metrics_of(split, "purity")["concept_purity"].update(axes, labels)
         else:
             logits = self(x)

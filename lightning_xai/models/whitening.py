@@ -3,27 +3,25 @@
 Z. Chen, Y. Bei and C. Rudin, "Concept Whitening for Interpretable Image Recognition", Nature Machine Intelligence
 2020. See :mod:`lightning_xai.models.concept_whitening` for the method (whitening, concept alignment, DDP); this
 module holds :class:`ConceptWhitening`, :func:`replace_batchnorm`, the matrix functions
-(:func:`zca_inverse_sqrt`, :func:`newton_inverse_sqrt`, :func:`cayley_step`) and the evaluation functions
-(:func:`concept_purity`, :func:`best_filter_auc`, :func:`orthogonality_error`, :func:`pooled_activations`).
-``lightning_xai.models.concept_whitening`` re-exports every name.
+(:func:`zca_inverse_sqrt`, :func:`newton_inverse_sqrt`, :func:`cayley_step`, :func:`orthogonality_error`); it
+re-exports the evaluation functions of :mod:`lightning_xai.models.whitening_metrics` (:func:`concept_purity`,
+:func:`best_filter_auc`, :func:`pooled_activations`). ``lightning_xai.models.concept_whitening`` re-exports every name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import StopForward, resolve_layer
 from lightning_xai.checks import check_choice, check_float, check_int
 from lightning_xai.distributed import rank_and_world_size, sum_over_ranks
-from lightning_xai.evaluation.concepts import auc_matrix
-from lightning_xai.models.cbm_interventions import _loader_from
+from lightning_xai.models.whitening_metrics import POOLINGS, best_filter_auc, concept_purity, pooled_activations
 
 __all__ = [
     "POOLINGS",
@@ -41,9 +39,6 @@ __all__ = [
 
 
 WHITENINGS = ("zca", "newton")
-
-
-POOLINGS = ("mean", "max")
 
 
 def _distributed_world() -> int:
@@ -421,76 +416,3 @@ def replace_batchnorm(model: nn.Module, layer: str, num_concepts: int, **kwargs:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, cw)
     return cw
-
-
-def pooled_activations(
-    model: nn.Module, layer: str | nn.Module, data: Any, pool: str = "mean", split: str = "test"
-) -> tuple[Tensor, Tensor]:
-    """``(activations [N, C], concept_labels [N, K])``: the output of ``layer`` pooled over space, per image.
-
-    ``data`` is a DataLoader (or iterable) of ``(images, labels, concept_labels)`` batches or a datamodule (its
-    ``split`` loader). Eval mode, no gradients, modes restored; the forward hook is removed also on error.
-    """
-    if pool not in POOLINGS:
-        raise ValueError(f"unknown pool {pool!r}; valid poolings: {list(POOLINGS)}")
-    _, module = resolve_layer(model, layer)
-    outputs: list[Tensor] = []
-
-    def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
-        flat = output.detach().float().flatten(2)
-        outputs.append((flat.mean(dim=2) if pool == "mean" else flat.amax(dim=2)).cpu())
-
-    activations, concepts = [], []
-    handle = module.register_forward_hook(hook)
-    try:
-        device = next(iter(model.parameters())).device
-        with model_state_guard(model), torch.no_grad():
-            for batch in _loader_from(data, split):
-                if isinstance(batch, Tensor) or len(batch) < 3:
-                    raise ValueError("batches must be (images, labels, concept_labels) tuples")
-                outputs.clear()
-                model(batch[0].to(device))
-                if len(outputs) != 1:
-                    raise ValueError(f"layer {layer!r} ran {len(outputs)} times per forward pass; expected once")
-                activations.append(outputs[0])
-                concepts.append(batch[2].float().cpu())
-    finally:
-        handle.remove()
-    if not activations:
-        raise ValueError("pooled_activations got no batches")
-    return torch.cat(activations), torch.cat(concepts)
-
-
-def concept_purity(
-    model: nn.Module,
-    layer: str | nn.Module,
-    data: Any,
-    concepts: Sequence[int],
-    pool: str = "mean",
-    split: str = "test",
-) -> Tensor:
-    """Concept purity (Chen et al. 2020): the AUC ``[k]`` of axis ``j`` of ``layer`` (a CW layer) as a detector of
-    concept ``concepts[j]`` on held-out data, with image-level labels and the axis map pooled over space."""
-    activations, labels = pooled_activations(model, layer, data, pool, split)
-    concepts = list(concepts)
-    if len(concepts) > activations.shape[1]:
-        raise ValueError(f"{len(concepts)} concepts but the layer has only {activations.shape[1]} channels")
-    aucs = auc_matrix(activations[:, : len(concepts)], labels[:, concepts])
-    return aucs.diagonal()
-
-
-def best_filter_auc(
-    model: nn.Module,
-    layer: str | nn.Module,
-    data: Any,
-    concepts: Sequence[int],
-    pool: str = "mean",
-    split: str = "test",
-) -> tuple[Tensor, Tensor]:
-    """The baseline of concept purity: for each concept, the best AUC ``[k]`` of any single channel of ``layer``
-    (e.g. the BatchNorm layer of an ordinary network), and which channel ``[k]`` achieves it."""
-    activations, labels = pooled_activations(model, layer, data, pool, split)
-    aucs = auc_matrix(activations, labels[:, list(concepts)])  # [C, k]
-    best, channel = aucs.nan_to_num(-1.0).max(dim=0)
-    return best, channel
-
