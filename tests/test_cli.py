@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from lightning_xai.callbacks import ExplanationMonitor
 from lightning_xai.cli import main
@@ -35,6 +36,24 @@ def grid_pngs(root) -> list[str]:
     return [p for p in glob.glob(os.path.join(str(root), "**", "*.png"), recursive=True) if "explanations" in p]
 
 
+def read_config(config: str) -> dict:
+    with open(os.path.join(ROOT, "examples", "configs", config), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def model_fixes_image_size(config: str) -> bool:
+    """Whether the config's model is built for one image size (a ViT: its position embeddings fix the token
+    count), so that the data's image size must stay the config's."""
+    return "image_size" in (read_config(config)["model"].get("init_args") or {})
+
+
+def tiny_data(config: str) -> list[str]:
+    """Tiny-data overrides for a shipped config: sizes and batch always; the image size (32 px) only where the
+    model does not fix it - overriding it there would test a run the config does not allow."""
+    image_size = [] if model_fixes_image_size(config) else ["--data.init_args.image_size=32"]
+    return [a for a in TINY_DATA if "image_size" not in a] + image_size
+
+
 def fit_tiny(config: str, tmp_path):
     """``lightning-xai fit`` of a shipped config under ``fast_dev_run`` on tiny generated data, without a logger."""
     return main(
@@ -45,11 +64,7 @@ def fit_tiny(config: str, tmp_path):
             "--trainer.fast_dev_run=true",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
-            "--data.init_args.n_train=32",
-            "--data.init_args.n_val=16",
-            "--data.init_args.n_test=16",
-            "--data.init_args.image_size=32",
-            "--data.init_args.batch_size=16",
+            *tiny_data(config),
         ]
     )
 
@@ -183,9 +198,42 @@ def test_explanation_quality_config_fast_dev_run(tmp_path):
     assert all(isinstance(r["passes"], bool) for r in sanity.results.values())
 
 
-@pytest.mark.parametrize(
-    "config", sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
-)
+SHIPPED = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "examples", "configs", "*.yaml")))
+
+
+def test_vit_config_trains_and_scores_the_transformer_methods(tmp_path):
+    """The ViT config: the monitor explains with the three transformer methods, ExplanationQuality scores every
+    method and metric in [0, 1] (Grad-CAM on a token layer included), and nothing fails."""
+    from lightning_xai.callbacks import ExplanationQuality
+    from lightning_xai.models import ViTClassifier
+
+    assert model_fixes_image_size("vit_explanations.yaml")
+    assert "--data.init_args.image_size=32" not in tiny_data("vit_explanations.yaml")
+    cli = fit_tiny("vit_explanations.yaml", tmp_path)
+    assert isinstance(cli.model, ViTClassifier)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationMonitor)]
+    (quality,) = [c for c in cli.trainer.callbacks if isinstance(c, ExplanationQuality)]
+    assert list(monitor.attributors) == ["attention_rollout", "transformer_attribution", "attnlrp"]
+    assert not monitor.errors and not quality.errors, (monitor.errors, quality.errors)
+    assert grid_pngs(tmp_path), "the explanation grid is written under default_root_dir"
+    values = quality.history[0][1]
+    for method in ("attention_rollout", "transformer_attribution", "attnlrp", "gradcam"):
+        for metric in ("mask_iou", "pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"):
+            key = next(k for k in values if method in k and k.endswith(metric))
+            assert 0.0 <= values[key] <= 1.0, (key, values[key])
+
+
+def test_a_model_with_a_fixed_image_size_gets_data_of_that_size():
+    """Every config whose model fixes the image size (a ViT) gives its data the same size: else the first
+    forward pass fails."""
+    fixed = [c for c in SHIPPED if model_fixes_image_size(c)]
+    assert "vit_explanations.yaml" in fixed
+    for config in fixed:
+        cfg = read_config(config)
+        assert cfg["model"]["init_args"]["image_size"] == cfg["data"]["init_args"]["image_size"], config
+
+
+@pytest.mark.parametrize("config", SHIPPED)
 def test_every_shipped_config_runs_under_fast_dev_run(config, tmp_path):
     """Generated from the folder: a config added to examples/configs is tested without a new test."""
     cli = main(
