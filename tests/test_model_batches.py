@@ -231,3 +231,29 @@ def test_concept_whitening_scores_purity_on_dict_batches_like_tuples():
     assert torch.equal(tuple_loss, dict_loss)
     assert tuple_purity.shape == (2,) and torch.isfinite(tuple_purity).all()
     assert torch.equal(tuple_purity, dict_purity)  # the dict's concepts were scored (they used to be skipped)
+
+
+# ------------------------------------------------------------------------------------------ ProtoPNet push
+def test_protopnet_push_reads_dict_items_with_the_models_keys():
+    from test_protopnet import tiny_model
+
+    class Dicts(Dataset):
+        def __init__(self, tuples: Items) -> None:
+            self.tuples = tuples
+
+        def __len__(self) -> int:
+            return len(self.tuples)
+
+        def __getitem__(self, i: int):
+            x, y, _ = self.tuples[i]
+            return {"img": x, "target": y}
+
+    tuples = Items("tuple")
+    tuples.x = F.interpolate(tuples.x, size=16)  # TinyTrunk's 16x16 inputs
+    reference, model = tiny_model(), tiny_model(**CUSTOM)
+    reference.push(tuples, batch_size=5)
+    model.push(Dicts(tuples), batch_size=5)
+    assert torch.equal(model.prototypes, reference.prototypes) and int(model.push_count) == 1
+    assert torch.equal(model.push_index, reference.push_index)
+    with pytest.raises(ValueError, match=r"ProtoPNet: label_key='target' is not in the batch"):
+        tiny_model(label_key="target").push(tuples)

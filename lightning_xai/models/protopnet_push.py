@@ -95,7 +95,8 @@ class PrototypePushMixin:
     def _scan(self, dataset: Dataset, indices: range, batch_size: int) -> tuple[Tensor, ...]:
         """This rank's best patch per prototype among ``indices``: distance, dataset index, position, image."""
         P, device, dtype = self.num_prototypes, self.device, self.prototypes.dtype
-        image_shape = dataset[0][0].shape
+        reader = self.batch_reader  # the model's input_key / label_key read dataset items and their batches
+        image_shape = reader.inputs(dataset[0]).shape
         best_dist = torch.full((P,), float("inf"), device=device, dtype=dtype)
         best_index = torch.full((P,), -1, dtype=torch.long, device=device)
         best_pos = torch.full((P,), -1, dtype=torch.long, device=device)
@@ -104,8 +105,8 @@ class PrototypePushMixin:
         loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
         offset = 0
         for batch in loader:
-            x = batch[0].to(device, dtype).contiguous()
-            y = torch.as_tensor(batch[1], device=device).long()
+            x = reader.inputs(batch).to(device, dtype).contiguous()
+            y = reader.labels(batch, required=True).to(device).long()
             distances = l2_distances(self.latent(x), self.prototypes)  # [B, P, h, w]
             own = (y[:, None] == classes[None, :])[:, :, None, None]
             distances = torch.where(own, distances, torch.full_like(distances, float("inf")))
