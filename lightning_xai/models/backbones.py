@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_xai.checks import check_int
 
-__all__ = ["BACKBONES", "SmallCNN", "VGGSmall", "build_backbone"]
+__all__ = ["BACKBONES", "SmallCNN", "VGGSmall", "build_backbone", "resolve_backbone"]
 
 BACKBONES = ("small_cnn", "resnet18", "vgg_small")
 
@@ -132,3 +132,15 @@ def build_backbone(name: str, num_classes: int, in_channels: int = 3, small_inpu
     else:
         model = VGGSmall(in_channels=in_channels, num_classes=num_classes)
     return model
+
+
+def resolve_backbone(backbone: str | nn.Module, num_classes: int, in_channels: int = 3, *, owner: str) -> nn.Module:
+    """The backbone a model was given: built by :func:`build_backbone` from a name (with ``num_classes`` outputs),
+    or the ``nn.Module`` itself; anything else is a ``TypeError`` naming ``owner``."""
+    if isinstance(backbone, str):
+        return build_backbone(backbone, num_classes=num_classes, in_channels=in_channels)
+    if isinstance(backbone, nn.Module):
+        return backbone
+    raise TypeError(
+        f"{owner}: backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}"
+    )

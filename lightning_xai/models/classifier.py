@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_xai.batch import Key
 from lightning_xai.checks import check_int
-from lightning_xai.models.backbones import build_backbone
+from lightning_xai.models.backbones import resolve_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
 
 __all__ = ["ImageClassifier"]
@@ -58,12 +58,7 @@ class ImageClassifier(XAIModule):
         super().__init__(optimizer=optimizer, lr=lr, weight_decay=weight_decay, scheduler=scheduler, momentum=momentum,
                          on_nonfinite_loss=on_nonfinite_loss, input_key=input_key, label_key=label_key)
         check_int("num_classes", num_classes, minimum=2, owner=type(self).__name__)
-        if isinstance(backbone, str):
-            self.backbone = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels)
-        elif isinstance(backbone, nn.Module):
-            self.backbone = backbone
-        else:
-            raise TypeError(f"backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}")
+        self.backbone = resolve_backbone(backbone, num_classes, in_channels, owner=type(self).__name__)
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.set_metrics(MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}))

@@ -62,7 +62,7 @@ from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.batch import BatchReader, Key
 from lightning_xai.checks import check_choice, check_float, check_int
 from lightning_xai.evaluation.concepts import ConceptAUROC, auc_matrix
-from lightning_xai.models.backbones import build_backbone
+from lightning_xai.models.backbones import resolve_backbone
 from lightning_xai.models.base import XAIModule, config_dataclass
 from lightning_xai.models.cbm_interventions import (
     INTERVENTION_ORDERS,
@@ -209,12 +209,7 @@ class ConceptBottleneckModel(CBMTrainingMixin, InterventionMixin, XAIModule):
             weights = None
         self.register_buffer("concept_pos_weight", weights)
 
-        if isinstance(backbone, str):
-            self.backbone = build_backbone(backbone, num_classes=k, in_channels=in_channels)
-        elif isinstance(backbone, nn.Module):
-            self.backbone = backbone
-        else:
-            raise TypeError(f"backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}")
+        self.backbone = resolve_backbone(backbone, k, in_channels, owner=owner)  # g: k concept logits
         if head_hidden is None:
             self.head: nn.Module = nn.Linear(k, num_classes)
         else:

@@ -65,9 +65,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import StopForward, forward_until_stopped, resolve_layer
 from lightning_xai.batch import BatchReader, Key
-from lightning_xai.checks import check_bool, check_int
+from lightning_xai.checks import check_bool, check_choice, check_int
 from lightning_xai.distributed import sum_over_ranks
-from lightning_xai.models.backbones import build_backbone
+from lightning_xai.models.backbones import resolve_backbone
 from lightning_xai.models.base import StepOutput, XAIModule
 from lightning_xai.models.concept_bottleneck import ConceptAUROC, auc_matrix
 from lightning_xai.models.whitening import (
@@ -189,14 +189,8 @@ class ConceptWhiteningClassifier(XAIModule):
         for name, value, minimum in (("num_classes", num_classes, 2), ("update_every", update_every, 1),
                                      ("concept_batch_size", concept_batch_size, 1)):
             check_int(name, value, minimum=minimum, owner=type(self).__name__)
-        if concept_split not in ("train", "val", "test"):
-            raise ValueError(f"unknown concept_split {concept_split!r}; valid splits: ['train', 'val', 'test']")
-        if isinstance(backbone, str):
-            self.backbone = build_backbone(backbone, num_classes=num_classes, in_channels=in_channels)
-        elif isinstance(backbone, nn.Module):
-            self.backbone = backbone
-        else:
-            raise TypeError(f"backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}")
+        check_choice("concept_split", concept_split, ("train", "val", "test"), owner=type(self).__name__)
+        self.backbone = resolve_backbone(backbone, num_classes, in_channels, owner=type(self).__name__)
         cw = replace_batchnorm(
             self.backbone,
             layer,

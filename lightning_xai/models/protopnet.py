@@ -221,7 +221,8 @@ class ProtoPNet(PrototypeTrainingMixin, PrototypePushMixin, PrototypeExplanation
                 raise ValueError("small_input only applies to a backbone given by name ('resnet18')")
             self.features = backbone
         else:
-            raise TypeError(f"backbone must be a backbone name (str) or an nn.Module, got {type(backbone).__name__}")
+            raise TypeError(f"{type(self).__name__}: backbone must be a backbone name (str) or an nn.Module, got "
+                            f"{type(backbone).__name__}")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.prototypes_per_class = prototypes_per_class
