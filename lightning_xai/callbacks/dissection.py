@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_xai.attribution.token_grid import Reshape
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
 from lightning_xai.callbacks.probe import split_sample
 from lightning_xai.checks import check_int, suggest
@@ -145,7 +146,7 @@ class DissectionScores(XAICallback):
         *,
         dissection: NetworkDissection | None = None,
         render: str = "end",
-        reshape: tuple[int, int] | None = None,
+        reshape: Reshape = None,
         **kwargs: Any,
     ) -> None:
         if when is not None:

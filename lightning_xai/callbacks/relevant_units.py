@@ -155,7 +155,7 @@ class RelevantUnits(XAICallback):
             check_class_logits(self.name, context.logits, None, "relevant units are fitted to")
         if context.probe is not None:  # a token layer's reshape that fits no patch grid fails here, not later
             try:
-                self.analysis.features(model, context.probe.inputs[:1])
+                self.analysis.check_layers(model, context.probe.inputs[:1])
             except ValueError as err:
                 raise ConfigurationError(f"{self.name}: the unit features cannot be read: {err}") from err
 

@@ -285,6 +285,19 @@ class RelevantUnitAnalysis:
             raise ValueError(f"layers are listed twice: {names}")
         return names
 
+    def check_layers(self, model: nn.Module, inputs: Tensor) -> None:
+        """Raise the ``ValueError`` of a layer whose output cannot be read as units - a token layer whose tokens
+        ``reshape`` cannot lay out on a patch grid - from one forward pass of ``inputs`` (a setup check)."""
+        names = self.layer_names(model)
+        x = inputs.detach().to(model_device(model))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(model_state_guard(model))
+            stack.enter_context(torch.no_grad())
+            captures = [stack.enter_context(capture_layer(model, name)) for name in names]
+            model(x)
+        for name, capture in zip(names, captures):
+            _maps(capture.activation, x, self.reshape, "RelevantUnitAnalysis", name)
+
     def features(
         self, model: nn.Module, data: Data, *, max_samples: int | None = None
     ) -> tuple[Tensor, Tensor | None, list[Unit]]:
