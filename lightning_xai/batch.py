@@ -40,7 +40,7 @@ __all__ = [
 #: A field of a batch: a dict key or attribute name, a tuple position, or a callable ``batch -> value``.
 Key = str | int | Callable[[Any], Any]
 
-INPUT_KEYS = ("image", "images", "pixel_values", "input", "inputs", "x", "input_ids", "data")
+INPUT_KEYS = ("image", "images", "pixel_values", "input", "inputs", "x", "input_ids", "data", "tokens")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "classes")
 MASK_KEYS = ("mask", "masks", "evidence_mask", "segmentation", "gt_mask")
 CONCEPT_KEYS = ("concepts", "concept_labels", "concept")

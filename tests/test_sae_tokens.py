@@ -246,3 +246,53 @@ def test_tokens_mode_errors_name_the_class_the_value_and_the_choices(text_model,
     with pytest.raises(ValueError, match="SparseAutoencoder: log_top_latents=2 .* spatial='tokens'"):
         module = SparseAutoencoder(TopKSAEConfig(d_in=DIM, d_sae=64, k=4), log_top_latents=2)
         quiet_trainer(fast_dev_run=True).fit(module, data)
+
+
+class _DictBatches(pl.LightningDataModule):
+    """The planted-token data as dict batches with custom keys: ``{"ids", "answer", "key_mask"}``."""
+
+    def __init__(self, inner: PlantedTokensDataModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def setup(self, stage: str | None = None) -> None:
+        self.inner.setup(stage)
+
+    @staticmethod
+    def _dicts(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+        def collate(items):
+            tokens, labels, masks = loader.collate_fn(items)
+            return {"ids": tokens, "answer": labels, "key_mask": masks}
+
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=collate)
+
+    def train_dataloader(self):
+        return self._dicts(self.inner.train_dataloader())
+
+    def val_dataloader(self):
+        return self._dicts(self.inner.val_dataloader())
+
+
+def _validate(datamodule: ActivationDataModule) -> tuple[dict[str, float], list[str]]:
+    pl.seed_everything(0)
+    module = SparseAutoencoder(TopKSAEConfig(d_in=DIM, d_sae=64, k=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer().validate(module, datamodule)
+    said = [str(w.message) for w in caught if "downstream=True" in str(w.message)]
+    return {k: float(v) for k, v in module.trainer.callback_metrics.items()}, said
+
+
+def test_dict_batches_with_custom_keys_give_the_tuple_figures_and_missing_labels_are_said_once(text_model):
+    tuples, said = _validate(ActivationDataModule(_tokens_data(), text_model, "blocks.1", spatial="tokens"))
+    assert not said and tuples["val_ce_zero"] > tuples["val_ce_orig"]
+    dicts, said = _validate(ActivationDataModule(_DictBatches(_tokens_data()), text_model, "blocks.1",
+                                                 spatial="tokens", input_key="ids", label_key="answer"))
+    assert not said
+    for name in ("val_fvu", "val_l0", "val_ce_orig", "val_ce_sae", "val_ce_zero", "val_downstream_score"):
+        assert dicts[name] == pytest.approx(tuples[name], rel=1e-5, abs=1e-6), name
+    # "answer" is not a default label key: without label_key= the figures cannot be computed, which is said once
+    unlabeled, said = _validate(ActivationDataModule(_DictBatches(_tokens_data()), text_model, "blocks.1",
+                                                     spatial="tokens", input_key="ids"))
+    assert "val_ce_orig" not in unlabeled and unlabeled["val_fvu"] == pytest.approx(tuples["val_fvu"], rel=1e-5)
+    assert len(said) == 1 and "SparseAutoencoder" in said[0] and "label_key=" in said[0]

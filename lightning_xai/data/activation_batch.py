@@ -12,7 +12,9 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["ActivationBatch", "as_activation_batch"]
+from lightning_xai.batch import BatchReader
+
+__all__ = ["ActivationBatch", "as_activation_batch", "batch_extras"]
 
 
 def _attention_mask_of(batch: Any) -> Tensor | None:
@@ -23,17 +25,19 @@ def _attention_mask_of(batch: Any) -> Tensor | None:
     return None
 
 
-def _images_of(batch: Any) -> Tensor:
+def batch_extras(batch: Any, reader: BatchReader) -> tuple[Any, ...]:
+    """What travels with the activations of one wrapped batch: a tuple batch's elements after the input (e.g.
+    ``(labels, concept_labels)`` of a ``ConceptDataModule``); for a dict or object batch, ``(labels,
+    concept_labels)`` as the ``reader`` finds them (``label_key`` / ``concept_key``; ``None`` where absent, the
+    tuple shortened to the last one found), so that labelled dict batches give the same downstream figures."""
     if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for key in ("image", "images", "input", "inputs", "input_ids", "tokens", "x"):
-            if key in batch:
-                return batch[key]
-        raise ValueError(f"cannot find images in a batch dict with keys {sorted(batch)}")
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
-        return batch[0]
-    raise TypeError(f"a batch must be an image tensor or a sequence (images, ...), got {type(batch).__name__}")
+        return ()
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return tuple(batch[1:])
+    extras = (reader.labels(batch), reader.concepts(batch))
+    while extras and extras[-1] is None:
+        extras = extras[:-1]
+    return extras
 
 
 @dataclass

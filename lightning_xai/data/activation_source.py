@@ -31,11 +31,11 @@ from torch import Tensor, nn
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, resolve_layer, stop_after_calls
+from lightning_xai.batch import BatchReader
 from lightning_xai.checks import check_bool, check_choice, check_int
 from lightning_xai.data.activation_batch import (
     ActivationBatch,
     _attention_mask_of,
-    _images_of,
     as_activation_batch,
 )
 from lightning_xai.data.frozen_model import (
@@ -353,18 +353,26 @@ class ActivationSource(nn.Module):
         self.scale_estimated.fill_(True)
         return value
 
-    def estimate_scale(self, batches: Iterable[Any], max_batches: int = 16, reduce: Reducer | None = None) -> float:
+    def estimate_scale(
+        self,
+        batches: Iterable[Any],
+        max_batches: int = 16,
+        reduce: Reducer | None = None,
+        reader: BatchReader | None = None,
+    ) -> float:
         """Estimate :attr:`scale` from up to ``max_batches`` image batches (tensors or ``(images, ...)``; padding
-        positions of token batches do not count).
+        positions of token batches do not count). ``reader`` finds the inputs in a batch (default: a
+        :class:`~lightning_xai.batch.BatchReader` with its default keys).
 
         Every process must call it (the sums are all-reduced), so that all use the same scale.
         """
         check_int("max_batches", max_batches, minimum=1, owner="ActivationSource.estimate_scale")
+        reader = BatchReader(owner="ActivationSource") if reader is None else reader
         norm_sum, count, dim = 0.0, 0, 0
         for i, batch in enumerate(batches):
             if i >= max_batches:
                 break
-            inputs = _images_of(batch)
+            inputs = reader.inputs(batch)
             mask = self.token_mask(inputs, _attention_mask_of(batch))
             vectors = self.to_vectors(self.layer_output(inputs), scaled=False, mask=mask)
             if self.spatial == "maps":

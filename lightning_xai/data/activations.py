@@ -52,7 +52,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from lightning_xai.batch import BatchReader, Key
 from lightning_xai.checks import check_bool, check_int
-from lightning_xai.data.activation_batch import ActivationBatch, _attention_mask_of, _images_of, as_activation_batch
+from lightning_xai.data.activation_batch import ActivationBatch, _attention_mask_of, as_activation_batch, batch_extras
 from lightning_xai.data.activation_source import (
     CACHE_DTYPES,
     CACHE_FORMAT,
@@ -234,6 +235,11 @@ class ActivationDataModule(pl.LightningDataModule):
         scale_batches: image batches (per process) used to estimate the normalisation scale.
         shuffle: reshuffle the cached vectors every epoch.
         seed: seed of that shuffling.
+        input_key, label_key, concept_key: where the wrapped batches hold the inputs, the class labels and the
+            concept labels (see :class:`~lightning_xai.batch.BatchReader`; default: a tuple's first / second / third
+            element, a dict's usual keys). A tuple batch's elements after the input become the
+            :class:`ActivationBatch`'s ``extras``; a dict batch gives ``(labels, concept_labels)``, so that the
+            downstream figures of a :class:`~lightning_xai.models.sae.SparseAutoencoder` need labels only.
 
     The activations are computed in :meth:`on_after_batch_transfer`, i.e. after the image batch reached the
     training device; the source (and the model in it) is moved to that device. The estimated scale is part of
@@ -259,6 +265,9 @@ class ActivationDataModule(pl.LightningDataModule):
         seed: int = 0,
         stop_at_layer: bool = True,
         pad_token: int | None = None,
+        input_key: Key | None = None,
+        label_key: Key | None = None,
+        concept_key: Key | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(datamodule, pl.LightningDataModule):
@@ -271,6 +280,8 @@ class ActivationDataModule(pl.LightningDataModule):
         check_bool("shuffle", shuffle, owner=owner)
         check_int("seed", seed, owner=owner)
         self.source = ActivationSource(model, layer, spatial, normalize, weights, stop_at_layer, pad_token)
+        #: How the wrapped batches are read (inputs, and labels / concept labels of dict batches).
+        self.batch_reader = BatchReader(input_key, label_key, owner=owner, concept_key=concept_key)
         #: The processes' reducer outside a Trainer (``None``: ``torch.distributed`` when initialised).
         self.reducer: Reducer | None = None
         self.datamodule = datamodule
@@ -337,7 +348,7 @@ class ActivationDataModule(pl.LightningDataModule):
         getter = {"validate": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}
         try:
             loader = getattr(self.datamodule, getter.get(stage or "fit", "train_dataloader"))()
-            images = _images_of(loader.collate_fn([loader.dataset[0]]))
+            images = self.batch_reader.inputs(loader.collate_fn([loader.dataset[0]]))
         except Exception:  # no map-style dataset to peek into: the shape is learned on the first batch
             return
         tokens = self.source.spatial == "tokens"
@@ -365,7 +376,7 @@ class ActivationDataModule(pl.LightningDataModule):
             norms = float(raw.double().norm(dim=1).sum())
             self.source.set_scale_from_norms(norms, raw.shape[0], raw.shape[1], self.reducer)
             return
-        self.source.estimate_scale(shard_loader, self.scale_batches, self.reducer)
+        self.source.estimate_scale(shard_loader, self.scale_batches, self.reducer, self.batch_reader)
 
     def _prepare_cache(self, train_loader: DataLoader, shard_loader: DataLoader) -> CachedActivationBatches:
         assert self.cache is not None
@@ -375,7 +386,7 @@ class ActivationDataModule(pl.LightningDataModule):
         dataset = train_loader.dataset
         num_images = len(dataset)  # type: ignore[arg-type]
         first = next(iter(shard_loader))
-        self.source.vector_dim(_images_of(first).to(self._device()))
+        self.source.vector_dim(self.batch_reader.inputs(first).to(self._device()))
         expected = {
             "format": CACHE_FORMAT,
             "model": self.source.fingerprint(),
@@ -397,7 +408,7 @@ class ActivationDataModule(pl.LightningDataModule):
                     stacklevel=2,
                 )
             device = self._device()
-            rows = sum(self.source.count_rows(_images_of(b), _attention_mask_of(b)) for b in shard_loader)
+            rows = sum(self.source.count_rows(self.batch_reader.inputs(b), _attention_mask_of(b)) for b in shard_loader)
             batches = (self._raw_vectors(b, device) for b in shard_loader)
             array = self.cache.write(expected, rank, world, rows, batches)
             self.cache_status = "written"
@@ -415,7 +426,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def _raw_vectors(self, batch: Any, device: torch.device) -> Tensor:
         """Unscaled training rows of one wrapped batch (padding left out for token batches)."""
-        inputs = _images_of(batch).to(device)
+        inputs = self.batch_reader.inputs(batch).to(device)
         mask = self.source.token_mask(inputs, _attention_mask_of(batch))
         return self.source.to_vectors(self.source.layer_output(inputs), scaled=False, mask=mask)
 
@@ -442,9 +453,9 @@ class ActivationDataModule(pl.LightningDataModule):
         if isinstance(batch, Mapping) and "cached_activations" in batch:
             raw = batch["cached_activations"]
             return ActivationBatch(self.source.to_vectors(raw.float()) if raw.ndim == 2 else raw)
-        images = _images_of(batch)
+        images = self.batch_reader.inputs(batch)
         self._place_source(images.device)
-        extras = tuple(batch[1:]) if isinstance(batch, Sequence) and not isinstance(batch, str) else ()
+        extras = batch_extras(batch, self.batch_reader)
         mask = self.source.token_mask(images, _attention_mask_of(batch))
         vectors = self.source.to_vectors(self.source.layer_output(images), mask=mask)
         return ActivationBatch(vectors, images, extras, token_mask=mask)

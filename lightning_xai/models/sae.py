@@ -105,6 +105,7 @@ from lightning_xai.models.sae_architectures import (
     config_to_dict,
 )
 from lightning_xai.models.sae_inspection import SAEInspection
+from lightning_xai.namespace import rank_zero_warn
 
 __all__ = [
     "SAE_ARCHITECTURES",
@@ -187,6 +188,7 @@ class SparseAutoencoder(SAEInspection, XAIModule):
         self.config = config
         self.sae = build_sae(config)
         self.downstream = downstream
+        self._said_no_downstream = False
         self.log_top_latents = log_top_latents
         self.top_images = top_images
         self.probe_images = probe_images
@@ -422,18 +424,35 @@ class SparseAutoencoder(SAEInspection, XAIModule):
         getattr(self, f"{stage}_metrics").update(x, x_hat, f)
         source = self.source
         labels = b.labels
-        if self.downstream and source is not None and b.images is not None and labels is not None:
+        if self.downstream and source is not None and b.images is not None:
             mask = b.token_mask
-            orig = source.model_output(b.images, attention_mask=mask)
-            if orig.ndim == 2 and labels.ndim == 1 and labels.shape[0] == orig.shape[0]:
+            orig = source.model_output(b.images, attention_mask=mask) if labels is not None else None
+            if orig is not None and orig.ndim == 2 and labels.ndim == 1 and labels.shape[0] == orig.shape[0]:
                 spliced = source.model_output(b.images, replace=self.reconstruct, attention_mask=mask)
                 zeroed = source.model_output(b.images, replace="zero", attention_mask=mask)
                 getattr(self, f"{stage}_downstream").update(orig, spliced, zeroed, labels)
+            else:
+                self._say_no_downstream(labels, orig)
         latent_images = source is None or source.spatial == "positions"
         if stage == "val" and b.images is not None and self.log_top_latents > 0 and latent_images:
             kept = sum(t.shape[0] for t in self._probe)
             if kept < self.probe_images:
                 self._probe.append(b.images[: self.probe_images - kept].detach().cpu())
+
+    def _say_no_downstream(self, labels: Tensor | None, output: Tensor | None) -> None:
+        """``downstream=True`` but a batch cannot give the downstream figures: said once, with the reason."""
+        if self._said_no_downstream:
+            return
+        self._said_no_downstream = True
+        if labels is None:
+            why = "the evaluation batches carry no class labels (pass label_key= to ActivationDataModule)"
+        else:
+            why = (f"the model's output {tuple(output.shape)} and the labels {tuple(labels.shape)} are not "
+                   "[B, num_classes] logits and [B] class indices")
+        rank_zero_warn(
+            f"{type(self).__name__}: downstream=True, but {why}; the downstream figures (ce_orig, ce_sae, ce_zero, "
+            "downstream_score) are not computed. Pass downstream=False to silence this."
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
