@@ -111,3 +111,17 @@ def put_in_train_mode_with_grads(model: nn.Module) -> None:
         if i % 2 == 0:
             p.grad = torch.full_like(p, 0.5)
     params[-1].requires_grad_(False)
+
+
+def hooked_output(model: nn.Module, layer: str | nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The output of ``layer`` (a dotted name or the module) in an eval-mode forward pass, recorded with a plain
+    forward hook: independent of the library's own layer capture, so tests can compare against it."""
+    module = dict(model.named_modules())[layer] if isinstance(layer, str) else layer
+    store: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: store.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        handle.remove()
+    return store[-1]

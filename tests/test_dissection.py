@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GapCNN, assert_unchanged, put_in_train_mode_with_grads, snapshot
+from helpers import GapCNN, assert_unchanged, hooked_output, put_in_train_mode_with_grads, snapshot
 from torch import nn
 
 from lightning_xai.data.concepts import ConceptScenes
@@ -85,18 +85,6 @@ def numpy_iou(unit_masks: np.ndarray, concept_masks: np.ndarray) -> np.ndarray:
             union = np.logical_or(unit_masks[:, u], concept_masks[:, c]).sum()
             out[u, c] = inter / union if union else 0.0
     return out
-
-
-def hooked_activations(model: nn.Module, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The module's output, recorded with a plain forward hook (independent of ``capture_layer``)."""
-    store = []
-    handle = module.register_forward_hook(lambda _m, _i, out: store.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        handle.remove()
-    return store[-1]
 
 
 # ------------------------------------------------------------------------------------------------ quantile sketch
@@ -228,7 +216,7 @@ def test_counts_match_an_independent_computation_with_upsampling():
     dissection = NetworkDissection("features.3", quantile=0.02, top_k=3)
     result = dissection(model, batches_of(images, masks, 6), NAMES6)
 
-    acts = hooked_activations(model, model.features[3], images)  # BN output, before the in-place ReLU
+    acts = hooked_output(model, model.features[3], images)  # BN output, before the in-place ReLU
     # thresholds: within the sketch's certified rank error of the exact quantile
     flat = acts.transpose(0, 1).reshape(8, -1)
     above = (flat > result.thresholds[:, None]).double().mean(dim=1)
@@ -291,7 +279,7 @@ def test_resnet_reused_relu_uses_its_last_call(resnet18):
     data = batches_of(images, masks, 1)
     stopped = NetworkDissection("layer1.0.relu", quantile=0.01)(resnet18, data, NAMES6)
     full = NetworkDissection("layer1.0.relu", quantile=0.01, stop_at_layer=False, cache_bytes=0)(resnet18, data, NAMES6)
-    block_output = hooked_activations(resnet18, resnet18.layer1[0], images)
+    block_output = hooked_output(resnet18, resnet18.layer1[0], images)
     assert torch.equal(stopped.intersection, full.intersection)
     assert torch.allclose(stopped.top_scores[:, 0], block_output.amax(dim=(0, 2, 3)))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_unchanged, put_in_train_mode_with_grads, snapshot
+from helpers import assert_unchanged, hooked_output, put_in_train_mode_with_grads, snapshot
 from torch import nn
 
 from lightning_xai.interpretation.dissection import NetworkDissection
@@ -17,19 +17,6 @@ from lightning_xai.models.transformers import vit_tiny
 
 VIT_LAYER = "encoder.layers.encoder_layer_1"
 NAMES = ["shape:a", "shape:b", "colour:c", "colour:d"]
-
-
-def hooked(model: nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
-    """The layer's output from a plain forward hook (independent of the library's capture)."""
-    store = []
-    module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _m, _i, out: store.append(out.detach().clone()))
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        handle.remove()
-    return store[-1]
 
 
 def by_hand(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -93,7 +80,7 @@ def test_vit_unit_maps_are_the_patch_tokens_on_their_grid():
     torch.manual_seed(0)
     vit = vit_tiny(image_size=32, patch_size=8).eval()
     x = torch.randn(3, 3, 32, 32)
-    tokens = hooked(vit, VIT_LAYER, x)
+    tokens = hooked_output(vit, VIT_LAYER, x)
     assert tokens.shape == (3, 17, 32)
     expected = by_hand(tokens, 4, 4)
     for stop in (True, False):
@@ -117,7 +104,7 @@ def test_vit_dissection_counts_equal_an_independent_computation():
     result = NetworkDissection(VIT_LAYER, quantile=0.05)(vit, data, NAMES)
     assert_unchanged(vit, before)
     assert result.num_units == 32, "the units of a token layer are its channels"
-    maps = by_hand(hooked(vit, VIT_LAYER, images), 4, 4)
+    maps = by_hand(hooked_output(vit, VIT_LAYER, images), 4, 4)
     fires = (maps > result.thresholds.view(1, -1, 1, 1)).numpy()  # [N, U, 4, 4]
     expected = np.einsum("nuhw,nchw->uc", fires.astype(np.int64), masks.numpy().astype(np.int64))
     assert np.array_equal(result.intersection.numpy(), expected)
@@ -239,7 +226,7 @@ def test_relevant_unit_features_of_a_token_layer_are_patch_channel_energies():
     vit = vit_tiny(image_size=32, patch_size=8).eval()
     x = torch.randn(5, 3, 32, 32)
     feats, _, units = RelevantUnitAnalysis(VIT_LAYER).features(vit, x)
-    expected = by_hand(hooked(vit, VIT_LAYER, x), 4, 4).square().mean(dim=(2, 3))
+    expected = by_hand(hooked_output(vit, VIT_LAYER, x), 4, 4).square().mean(dim=(2, 3))
     assert units == [(VIT_LAYER, d) for d in range(32)]
     assert torch.allclose(feats, expected, rtol=1e-5, atol=1e-6)
 
