@@ -3,6 +3,8 @@ so that callback tests fail only for callback bugs). Also imported by the DDP su
 
 from __future__ import annotations
 
+import subprocess
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -83,3 +85,19 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+#: Failures of the machinery around a multi-process run, not of the code under test: the port probed as free was
+#: taken before the rendezvous bound it, or a worker aborted in torch's C++ teardown after its work was done
+#: (seen rarely with gloo under ``ddp_spawn`` on a loaded machine). A run failing with one of these is run again
+#: once; any other failure fails at once.
+INFRASTRUCTURE_FAILURES = ("address already in use", "terminate called without an active exception")
+
+
+def run_processes(args: list[str], *, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run a multi-process test script (``[sys.executable, script, ...]``) in a subprocess and return the finished
+    process, retried once only after an :data:`INFRASTRUCTURE_FAILURES` failure. The caller asserts on it."""
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if proc.returncode != 0 and any(text in proc.stderr.lower() for text in INFRASTRUCTURE_FAILURES):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return proc

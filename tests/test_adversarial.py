@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import GapCNN, assert_unchanged, put_in_train_mode_with_grads, snapshot
+from lightning_helpers import run_processes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -409,12 +409,8 @@ def test_ddp_metrics_equal_the_single_process_metrics_over_the_whole_validation_
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "ddp_adversarial_script.py"), "2", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_processes(
+        [sys.executable, os.path.join(HERE, "ddp_adversarial_script.py"), "2", str(out)], env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

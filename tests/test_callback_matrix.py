@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trainer
+from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trainer, run_processes
 from torch.utils.data import DataLoader
 
 from lightning_xai.callbacks import (
@@ -181,12 +181,10 @@ def test_ddp_spawn_results_come_back_through_load_results(tmp_path):
     rank zero says so once and writes the state, and load_results restores it."""
     import json
     import os
-    import subprocess
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "ddp_spawn_script.py")
-    proc = subprocess.run([sys.executable, script, str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_processes([sys.executable, script, str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["history_in_launching_process"] == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_unchanged, snapshot
+from lightning_helpers import run_processes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -404,12 +404,8 @@ def test_ddp_statistics_equal_single_process_statistics_over_the_union_of_the_da
     import ddp_cw_script
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(here, "ddp_cw_script.py"), "2", str(tmp_path / "ddp")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_processes(
+        [sys.executable, os.path.join(here, "ddp_cw_script.py"), "2", str(tmp_path / "ddp")], env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]

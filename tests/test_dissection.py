@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import GapCNN, assert_unchanged, hooked_output, put_in_train_mode_with_grads, snapshot
+from lightning_helpers import run_processes
 from torch import nn
 
 from lightning_xai.data.concepts import ConceptScenes
@@ -511,9 +511,7 @@ def test_two_processes_equal_one_process(tmp_path):
     here = os.path.dirname(__file__)
     script = os.path.join(here, "ddp_dissection_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, script, "2", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=300
-    )
+    proc = run_processes([sys.executable, script, "2", str(tmp_path / "ddp")], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sys.path.insert(0, here)
     from ddp_dissection_script import run

@@ -6,14 +6,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from lightning_helpers import BlobData, TinyClassifier, quiet_trainer
+from lightning_helpers import BlobData, TinyClassifier, quiet_trainer, run_processes
 from PIL import Image
 
 from lightning_xai.attribution import Attributor, build_attributor
@@ -157,9 +156,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"out{devices}"
-        proc = subprocess.run(
-            [sys.executable, script, str(devices), str(out)], capture_output=True, text=True, env=env, timeout=300
-        )
+        proc = run_processes([sys.executable, script, str(devices), str(out)], env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
     single = results[1][0]

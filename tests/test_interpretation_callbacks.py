@@ -8,7 +8,6 @@ import csv
 import glob
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -16,7 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trainer
+from lightning_helpers import BlobData, TinyClassifier, blob_dataset, quiet_trainer, run_processes
 from PIL import Image
 
 from lightning_xai.callbacks.interpretation import (
@@ -376,9 +375,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp_interpretation.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(out), os.path.dirname(__file__)], capture_output=True, text=True, timeout=300
-    )
+    proc = run_processes([sys.executable, str(script), str(out), os.path.dirname(__file__)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in range(2):
         got = json.loads((out / f"rank{rank}.json").read_text())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import metric_cases
 import pytest
 import torch
 from helpers import GapCNN
+from lightning_helpers import run_processes
 from torch import Tensor
 
 from lightning_xai.distributed import Reducer, ThreadGroup
@@ -126,16 +126,7 @@ def test_every_metric_under_two_gloo_processes_matches_one_process():
     import ddp_metric_script
 
     script = Path(__file__).with_name("ddp_metric_script.py")
-    for _attempt in range(2):  # the free port can be taken by another process between probe and bind: retry once
-        proc = subprocess.run(
-            [sys.executable, str(script), "contracts"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=script.parent.parent,
-        )
-        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
-            break
+    proc = run_processes([sys.executable, str(script), "contracts"], cwd=script.parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {}
     for line in proc.stdout.splitlines():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import GapCNN, LinearModel, assert_unchanged, put_in_train_mode_with_grads, snapshot
+from lightning_helpers import run_processes
 from torch import Tensor, nn
 
 from lightning_xai.attribution.base import Attributor, input_gradient, select_scores
@@ -634,9 +634,7 @@ def test_ddp_two_processes_match_single_process():
     import ddp_metric_script
 
     script = Path(__file__).with_name("ddp_metric_script.py")
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=script.parent.parent
-    )
+    proc = run_processes([sys.executable, str(script)], timeout=240, cwd=script.parent.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout

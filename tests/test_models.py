@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
 import warnings
@@ -12,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning_helpers import run_processes
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -309,9 +309,7 @@ def test_metrics_are_global_under_ddp(tmp_path) -> None:
     """Two CPU processes (gloo), 10 validation samples each: every rank logs the accuracy and the loss of all 20."""
     script = tmp_path / "ddp_classifier.py"
     script.write_text(_DDP_SCRIPT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
+    proc = run_processes([sys.executable, str(script), str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(tmp_path / "model.pt")
     module = ImageClassifier(SmallCNN(3, 3, width=4), num_classes=3)

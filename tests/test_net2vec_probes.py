@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+from lightning_helpers import run_processes
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xai.data.concepts import ConceptDataModule
@@ -216,12 +216,8 @@ def test_ddp_two_processes_match_one_and_shard_the_cache(tmp_path):
     cache = tmp_path / "cache"
     ddp_sae_script.run(1, str(tmp_path / "out1"), str(cache))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(here, "ddp_sae_script.py"), "2", str(tmp_path / "out2"), str(cache)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    proc = run_processes(
+        [sys.executable, os.path.join(here, "ddp_sae_script.py"), "2", str(tmp_path / "out2"), str(cache)], env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = json.loads((tmp_path / "out1" / "rank0.json").read_text())

@@ -6,7 +6,6 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_unchanged, snapshot
-from lightning_helpers import BlobData, blob_dataset, quiet_trainer
+from lightning_helpers import BlobData, blob_dataset, quiet_trainer, run_processes
 from torch import nn
 
 from lightning_xai.models.protopnet import (
@@ -493,7 +492,7 @@ def test_ddp_push_selects_the_same_patches_as_a_single_process(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "ddp_protopnet_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, script, "2", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    proc = run_processes([sys.executable, script, "2", str(out)], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     tensors = [torch.load(out / f"rank{r}.pt") for r in range(2)]
