@@ -17,6 +17,9 @@ Columns (mean over the explained samples; ``random`` = uniform random maps, the 
   Information Fusion 2022, "relevance mass accuracy");
 * ``pointing``: the map's maximum lies on the ground truth (Zhang et al., "Top-down Neural Attention by
   Excitation Backprop", ECCV 2016);
+* ``IoU``: intersection over union of the top-k features (k = the ground truth's own size, ties scored by their
+  expected value) with the ground truth, by :func:`~lightning_xai.evaluation.mask_iou` (the protocol of Oramas et
+  al., ICLR 2019): key tokens for text, disc pixels for the ViT;
 * ``deletion``: area under the target-probability curve while the most relevant features are removed first
   (Petsiuk, Das and Saenko, "RISE", BMVC 2018): image patches set to the image mean, tokens replaced by the mask
   token; lower is better;
@@ -49,7 +52,7 @@ from lightning_xai.attribution.base import ATTRIBUTORS, build_attributor
 from lightning_xai.data.groundtruth import GroundTruthShapes
 from lightning_xai.data.tokens import MASK_TOKEN, PAD_TOKEN, PlantedTokens
 from lightning_xai.evaluation import deletion_auc as deletion_areas
-from lightning_xai.evaluation import pointing_game, relevance_mass, spearman_correlation
+from lightning_xai.evaluation import mask_iou, pointing_game, relevance_mass, spearman_correlation
 from lightning_xai.models.transformers import TextTransformer, vit_tiny
 
 VIT_METHODS = {
@@ -136,12 +139,14 @@ def deletion_auc(model, inputs, labels, order: torch.Tensor, remove, steps: int)
     return float(((curve[:, 1:] + curve[:, :-1]) / 2).mean())
 
 
-def table(title: str, rows: list[tuple[str, float, float, float, float, float]]) -> None:
+def table(title: str, rows: list[tuple[str, float, float, float, float, float, float]]) -> None:
     print(f"\n{title}")
-    print(f"| {'method':36s} | {'mass':>5s} | {'pointing':>8s} | {'deletion':>8s} | {'rand. corr.':>11s} | {'s':>5s} |")
-    print(f"|{'-' * 38}|{'-' * 7}|{'-' * 10}|{'-' * 10}|{'-' * 13}|{'-' * 7}|")
-    for label, mass, pointing, deletion, corr, seconds in rows:
-        print(f"| {label:36s} | {mass:5.2f} | {pointing:8.2f} | {deletion:8.3f} | {corr:11.2f} | {seconds:5.1f} |")
+    print(f"| {'method':36s} | {'mass':>5s} | {'pointing':>8s} | {'IoU':>5s} | {'deletion':>8s} | {'rand. corr.':>11s} "
+          f"| {'s':>5s} |")
+    print(f"|{'-' * 38}|{'-' * 7}|{'-' * 10}|{'-' * 7}|{'-' * 10}|{'-' * 13}|{'-' * 7}|")
+    for label, mass, pointing, iou, deletion, corr, seconds in rows:
+        print(f"| {label:36s} | {mass:5.2f} | {pointing:8.2f} | {iou:5.2f} | {deletion:8.3f} | {corr:11.2f} "
+              f"| {seconds:5.1f} |")
 
 
 def vit_table(args: argparse.Namespace) -> None:
@@ -181,12 +186,13 @@ def vit_table(args: argparse.Namespace) -> None:
         took = time.time() - start
         maps = maps.sum(1) if maps.shape[1] > 1 else maps[:, 0]  # [N, H, W]: channels summed (signed)
         mass, pointing = mass_and_pointing(maps.flatten(1), pixel_gt)
+        iou = float(mask_iou(maps[:, None], test.masks).nanmean())
         per_patch = F.avg_pool2d(maps[:, None], patch).flatten(1)
         deletion = deletion_auc(model, x, y, per_patch.argsort(1, descending=True), remove, args.steps)
         random_maps = method(random_model, x, y)
         random_maps = random_maps.sum(1) if random_maps.shape[1] > 1 else random_maps[:, 0]
         corr = spearman(maps.flatten(1), random_maps.flatten(1))
-        rows.append((label, mass, pointing, deletion, corr, took))
+        rows.append((label, mass, pointing, iou, deletion, corr, took))
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(x.shape[0], grid * grid, generator=g)
     noise_maps = noise.view(-1, 1, grid, grid).repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, 0]
@@ -196,6 +202,7 @@ def vit_table(args: argparse.Namespace) -> None:
             "random (per patch)",
             mass,
             pointing,
+            float(mask_iou(noise_maps[:, None], test.masks).nanmean()),
             deletion_auc(model, x, y, noise.argsort(1), remove, args.steps),
             0.0,
             0.0,
@@ -228,11 +235,12 @@ def text_table(args: argparse.Namespace) -> None:
         excluded.setdefault(label, []).append(int(torch.isnan(values).sum()))
         return float(values.nanmean())
 
-    def scores_of(label: str, maps: torch.Tensor) -> tuple[float, float, float]:
+    def scores_of(label: str, maps: torch.Tensor) -> tuple[float, float, float, float]:
         mass = mean(label, relevance_mass(maps, gt, valid=valid))
         pointing = mean(label, pointing_game(maps, gt, valid=valid))
+        iou = mean(label, mask_iou(maps, gt, valid=valid))
         areas = deletion_areas(maps, ids, model, y, steps=args.steps, mask_token=MASK_TOKEN, pad_token=PAD_TOKEN)
-        return mass, pointing, mean(label, areas)
+        return mass, pointing, iou, mean(label, areas)
 
     def token_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
         """Mean over sequences of the Spearman correlation over the sequence's tokens (padding left out)."""
@@ -245,9 +253,9 @@ def text_table(args: argparse.Namespace) -> None:
         start = time.time()
         scores = method(model, ids, y)
         took = time.time() - start
-        mass, pointing, deletion = scores_of(label, scores)
+        mass, pointing, iou, deletion = scores_of(label, scores)
         corr = token_spearman(scores, method(random_model, ids, y))
-        rows.append((label, mass, pointing, deletion, corr, took))
+        rows.append((label, mass, pointing, iou, deletion, corr, took))
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(ids.shape, generator=g) * valid
     rows.append(("random", *scores_of("random", noise), 0.0, 0.0))
@@ -259,7 +267,8 @@ def text_table(args: argparse.Namespace) -> None:
     )
     left_out = {k: v for k, v in excluded.items() if any(v)}
     if left_out:
-        print("left out of the means (mass, pointing, deletion): " + "; ".join(f"{k} {v}" for k, v in left_out.items()))
+        counts = "; ".join(f"{k} {v}" for k, v in left_out.items())
+        print(f"left out of the means (mass, pointing, IoU, deletion): {counts}")
 
 
 def main(argv: list[str] | None = None) -> None:
