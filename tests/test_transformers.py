@@ -516,3 +516,22 @@ def test_gradcam_on_a_vit_token_layer_equals_the_hand_computation():
     assert ScoreCAM(layer=layer, max_channels=4)(vit, x, 3).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="reshape must be None"):
         GradCAM(layer=layer, reshape=(4,))
+
+
+def test_text_classifier_reads_dict_batches_with_custom_keys_as_tuples():
+    """The training arguments of the model base reach TextClassifier: a dict batch with custom keys gives the tuple
+    batch's loss exactly, and a missing key is a clear error."""
+    from lightning_xai.data.tokens import PlantedTokens
+    from lightning_xai.models.transformers import TextClassifier
+
+    data = PlantedTokens(size=16, seed=0)
+    torch.manual_seed(0)
+    plain = TextClassifier(data.vocab_size, data.num_classes, max_len=data.seq_len)
+    keyed = TextClassifier(data.vocab_size, data.num_classes, max_len=data.seq_len, input_key="ids",
+                           label_key="answer")
+    keyed.load_state_dict(plain.state_dict())
+    tuple_loss = plain.compute_losses((data.tokens, data.labels), "train").loss
+    dict_loss = keyed.compute_losses({"ids": data.tokens, "answer": data.labels}, "train").loss
+    assert torch.equal(tuple_loss, dict_loss)
+    with pytest.raises(ValueError, match="label_key='answer'"):
+        keyed.compute_losses({"ids": data.tokens, "y": data.labels}, "train")

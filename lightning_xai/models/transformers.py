@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.batch import Key
 from lightning_xai.checks import check_float, check_int
 from lightning_xai.models.classifier import ImageClassifier
 
@@ -149,8 +150,10 @@ def vit_tiny(
 class ViTClassifier(ImageClassifier):
     """:class:`~lightning_xai.models.classifier.ImageClassifier` around :func:`vit_tiny` (same steps and logs).
 
-    Layer names for attribution are prefixed with ``"backbone."`` (e.g. the CAM layer
-    ``"backbone.encoder.layers.encoder_layer_1.ln_1"``), or explain ``module.backbone`` directly.
+    The training arguments (``optimizer`` ... ``label_key``) are those of
+    :class:`~lightning_xai.models.base.XAIModule`. Layer names for attribution are prefixed with ``"backbone."``
+    (e.g. the CAM layer ``"backbone.encoder.layers.encoder_layer_1.ln_1"``), or explain ``module.backbone``
+    directly.
     """
 
     def __init__(
@@ -167,6 +170,9 @@ class ViTClassifier(ImageClassifier):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
         backbone = vit_tiny(image_size, patch_size, num_classes, dim, depth, heads, mlp_dim)
         super().__init__(
@@ -178,6 +184,9 @@ class ViTClassifier(ImageClassifier):
             weight_decay=weight_decay,
             scheduler=scheduler,
             momentum=momentum,
+            on_nonfinite_loss=on_nonfinite_loss,
+            input_key=input_key,
+            label_key=label_key,
         )
         self.patch_size = patch_size
 
@@ -191,7 +200,9 @@ class TextClassifier(ImageClassifier):
             :class:`TextTransformer` (all but ``num_classes`` ignored when ``backbone`` is given).
         backbone: ``None`` (build a :class:`TextTransformer`) or any ``nn.Module`` mapping token ids ``[B, T]`` to
             logits ``[B, num_classes]``.
-        optimizer, lr, weight_decay, scheduler, momentum: see :class:`~lightning_xai.models.base.XAIModule`.
+        optimizer, lr, weight_decay, scheduler, momentum, on_nonfinite_loss, input_key, label_key: see
+            :class:`~lightning_xai.models.base.XAIModule` (dict batches such as ``{"input_ids", "labels"}`` are read
+            by the default keys).
 
     Batches are ``(tokens, labels, ...)`` (:class:`~lightning_xai.data.tokens.PlantedTokensDataModule`). For
     embedding attributions name ``"backbone.embedding"`` (or explain ``module.backbone`` with ``"embedding"``).
@@ -214,6 +225,9 @@ class TextClassifier(ImageClassifier):
         weight_decay: float = 0.0,
         scheduler: str | None = None,
         momentum: float = 0.9,
+        on_nonfinite_loss: str = "raise",
+        input_key: Key | None = None,
+        label_key: Key | None = None,
     ) -> None:
         if backbone is None:
             backbone = TextTransformer(vocab_size, num_classes, max_len, dim, depth, heads, mlp_dim, pad_token, dropout)
@@ -230,4 +244,7 @@ class TextClassifier(ImageClassifier):
             weight_decay=weight_decay,
             scheduler=scheduler,
             momentum=momentum,
+            on_nonfinite_loss=on_nonfinite_loss,
+            input_key=input_key,
+            label_key=label_key,
         )
