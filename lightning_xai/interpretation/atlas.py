@@ -19,6 +19,12 @@ Carter, Armstrong, Schubert, Johnson and Olah, "Activation Atlas", Distill 2019.
    in batches; on the atlas image each cell's icon is scaled by the square root of its count (the paper shows
    density the same way).
 
+**Vision transformers.** A token layer ``[B, T, D]`` of an image model is read as in network dissection
+(:func:`~lightning_xai.interpretation.layer_maps.unit_positions`): the activation vectors are the ``D``-channel
+vectors of the patch tokens (class token dropped, grid by ``reshape`` as for the CAM family), and a cell's
+direction is rendered as the mean over the patch tokens of ``a . d / |d|``. Text token layers are refused with a
+clear error (the icons are optimised in image space).
+
 **Class-filtered atlas** (the paper's class activation atlas): with ``target_class``, each collected vector gets
 its attribution toward that class, ``a . d logit_class / d a`` at its position (gradient x activation), and each
 cell the mean over its members (:attr:`AtlasResult.class_attribution`); :meth:`AtlasResult.render` fades cells
@@ -42,9 +48,11 @@ from torch.utils.data import Dataset, Subset
 
 from lightning_xai.attribution.base import gradient_context, model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.checks import check_choice, check_int, check_optional_int
 from lightning_xai.distributed import Reducer, default_reducer, gather_rows, shard_bounds
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device, project_features
+from lightning_xai.interpretation.layer_maps import unit_positions
 from lightning_xai.interpretation.visualization import ActivationMaximization
 
 __all__ = ["ActivationAtlas", "AtlasResult", "DirectionObjective", "bin_cells", "cell_means", "layout_2d"]
@@ -100,22 +108,25 @@ def cell_means(values: Tensor, cell_of: Tensor, num_cells: int) -> Tensor:
 
 class DirectionObjective(nn.Module):
     """``x -> [B, K]``: for each of ``K`` directions ``d_k`` the spatial mean of ``a(x) . d_k / |d_k|`` where
-    ``a(x) [B, C, h, w]`` is the activation of ``layer`` (a ``[B, C]`` activation is used as it is). A model whose
+    ``a(x) [B, C, h, w]`` is the activation of ``layer`` (a ``[B, C]`` activation is used as it is; a token layer
+    ``[B, T, D]`` of images gives its patch tokens' ``D``-vectors, laid out by ``reshape``). A model whose
     "logits" are direction scores, so that :class:`ActivationMaximization` with ``target=k`` visualises ``d_k``."""
 
-    def __init__(self, model: nn.Module, layer: str, directions: Tensor) -> None:
+    def __init__(self, model: nn.Module, layer: str, directions: Tensor, reshape: Reshape = None) -> None:
         super().__init__()
         self.model = model
         self.layer = layer
+        self.reshape = check_reshape(reshape, "ActivationAtlas")
         norms = directions.norm(dim=1, keepdim=True).clamp(min=1e-12)
         self.register_buffer("directions", (directions / norms).detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         with capture_layer(self.model, self.layer) as capture:
             self.model(x)
-        act = capture.activation
-        flat = act.flatten(2) if act.ndim > 2 else act.unsqueeze(2)  # [B, C, P]
-        return torch.einsum("bcp,kc->bk", flat, self.directions.to(act.dtype)) / flat.shape[2]
+        flat, _ = unit_positions(  # [B, C, P]
+            capture.activation, x, self.reshape, text=False, owner="ActivationAtlas", layer=self.layer
+        )
+        return torch.einsum("bcp,kc->bk", flat, self.directions.to(flat.dtype)) / flat.shape[2]
 
 
 @dataclass
@@ -245,6 +256,9 @@ class ActivationAtlas:
             TV 0.1, L2 0.01, inputs in [0, 1]); ``render_icons=False`` skips rendering.
         batch_size: images per forward pass when collecting.
         seed: seed of the position sampling and of the 2-D reduction.
+        reshape: how a token layer's output ``[B, T, D]`` (a vision transformer block) is laid out on its patch
+            grid: ``None`` (class token dropped, grid inferred), ``(h, w)`` or a callable
+            ``Tensor[B, T, D] -> Tensor[B, D, h, w]`` - the option of the CAM family and of network dissection.
     """
 
     def __init__(
@@ -259,6 +273,7 @@ class ActivationAtlas:
         render_icons: bool = True,
         batch_size: int = 64,
         seed: int = 0,
+        reshape: Reshape = None,
     ) -> None:
         owner = type(self).__name__
         if not isinstance(layer, (str, nn.Module)):
@@ -275,6 +290,7 @@ class ActivationAtlas:
         self.render_icons = bool(render_icons)
         self.batch_size = check_int("batch_size", batch_size, minimum=1, owner=owner)
         self.seed = check_int("seed", seed, owner=owner)
+        self.reshape = check_reshape(reshape, owner)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -302,6 +318,11 @@ class ActivationAtlas:
                         break
                     x, y = x[: limit - seen], None if y is None else y[: limit - seen]
                 x = x.to(device)
+                if target_class is not None and not x.is_floating_point():
+                    raise ValueError(
+                        f"ActivationAtlas: target_class needs a gradient through the inputs, but they are {x.dtype} "
+                        f"{list(x.shape)}; the class-filtered atlas reads float inputs (images [B, C, H, W])"
+                    )
                 if target_class is not None:
                     x = x.detach().clone().requires_grad_(True)  # a gradient path even with frozen parameters
                 shape = tuple(x.shape[1:])
@@ -313,7 +334,7 @@ class ActivationAtlas:
                 if target_class is not None:
                     logits = out if isinstance(out, Tensor) else out[0]
                     (grad,) = torch.autograd.grad(logits[:, target_class].sum(), act)
-                flat = (act.flatten(2) if act.ndim > 2 else act.unsqueeze(2)).detach()  # [B, C, P]
+                flat = self.unit_vectors(act.detach(), x, layer)  # [B, C, P]
                 for i in range(flat.shape[0]):
                     gen = torch.Generator().manual_seed(self.seed * 1_000_003 + offset + seen + i)
                     count = min(self.positions_per_image, flat.shape[2])
@@ -323,7 +344,7 @@ class ActivationAtlas:
                     if y is not None:
                         labels.append(y.reshape(-1)[i].cpu().expand(count).long())
                     if grad is not None:
-                        g = grad.flatten(2) if grad.ndim > 2 else grad.unsqueeze(2)
+                        g = self.unit_vectors(grad, x, layer)
                         attrs.append((flat[i][:, pos] * g[i][:, pos]).sum(0).float().cpu())
                 has_labels = has_labels and y is not None
                 seen += x.shape[0]
@@ -345,6 +366,12 @@ class ActivationAtlas:
         shapes = gather_rows(torch.tensor([list(shape)[:3] + [0] * (3 - len(shape[:3]))]), reducer)
         input_shape = tuple(int(s) for s in shapes.max(0).values.tolist() if s > 0)
         return all_vectors, all_index, all_labels, all_attr, input_shape
+
+    def unit_vectors(self, act: Tensor, inputs: Tensor, layer: str) -> Tensor:
+        """``act`` (or its gradient) as unit vectors over positions ``[B, C, P]``: the channels of a feature map,
+        the ``D`` channels of a vision transformer's patch tokens; a text token layer raises."""
+        values, _ = unit_positions(act, inputs, self.reshape, text=False, owner=type(self).__name__, layer=layer)
+        return values
 
     # ------------------------------------------------------------------------------------------------ atlas
     def __call__(
@@ -381,7 +408,7 @@ class ActivationAtlas:
         if len(input_shape) != 3:
             raise ValueError(f"ActivationAtlas renders image inputs [C, H, W]; the data's inputs are {input_shape}")
         device = model_device(model)
-        objective = DirectionObjective(model, layer, directions.to(device))
+        objective = DirectionObjective(model, layer, directions.to(device), self.reshape)
         start, stop, _ = shard_bounds(directions.shape[0], reducer.world_size, reducer.rank)
         ids = torch.arange(start, stop, device=device)
         am = self.visualization

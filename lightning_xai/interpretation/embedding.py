@@ -32,8 +32,10 @@ from torch.utils.data import Dataset
 
 from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
+from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.batch import BatchReader
-from lightning_xai.checks import check_choice, check_int
+from lightning_xai.checks import check_choice, check_int, check_optional_int
+from lightning_xai.interpretation.layer_maps import unit_positions
 
 __all__ = [
     "Embedding",
@@ -126,8 +128,26 @@ def iterate_batches(data: Data, batch_size: int = 64) -> Iterator[tuple[Tensor, 
     )
 
 
-def reduce_activation(activation: Tensor, reduce: LayerReduction) -> Tensor:
-    """One feature vector per sample from a layer activation ``[B, C, *spatial]`` (see :data:`LayerReduction`).
+def reduce_activation(
+    activation: Tensor,
+    reduce: LayerReduction,
+    *,
+    inputs: Tensor | None = None,
+    reshape: Reshape = None,
+    pad_token: int | None = None,
+    owner: str = "reduce_activation",
+    layer: str = "",
+) -> Tensor:
+    """One feature vector per sample from a layer activation (see :data:`LayerReduction`).
+
+    The pooled reductions (``"mean"``, ``"max"``, ``"mean_square"``) pool each *unit* over its positions. With the
+    layer's ``inputs`` the units are found by
+    :func:`~lightning_xai.interpretation.layer_maps.unit_positions`: a token layer ``[B, T, D]`` of an image model
+    gives ``D`` units over its patch tokens (class token dropped, grid by ``reshape``), a token layer of a text
+    model fed ids ``[B, T]`` gives ``D`` units over its real tokens (prefix tokens and ``pad_token`` positions
+    left out; a sequence with no real token gives ``NaN``). Without ``inputs`` the activation is read channel
+    first, ``[B, C, *spatial]`` (e.g. unit maps already laid out). ``"flatten"`` and a callable take the raw
+    output as it is (every value: a token layer's class token and padding included).
 
     A 2-D activation ``[B, C]`` has no spatial positions: ``"mean"``, ``"max"`` and ``"flatten"`` return it as is
     and ``"mean_square"`` returns its square.
@@ -144,12 +164,25 @@ def reduce_activation(activation: Tensor, reduce: LayerReduction) -> Tensor:
         raise ValueError(f"a layer activation needs shape [B, C, ...], got {list(activation.shape)}")
     if reduce == "flatten":
         return activation.flatten(1)
-    flat = activation.flatten(2) if activation.ndim > 2 else activation.unsqueeze(2)
-    if reduce == "mean":
-        return flat.mean(dim=2)
+    real = None
+    if inputs is None:
+        flat = activation.flatten(2) if activation.ndim > 2 else activation.unsqueeze(2)
+    else:
+        flat, real = unit_positions(activation, inputs, reshape, pad_token=pad_token, owner=owner, layer=layer)
+    if real is None:
+        if reduce == "mean":
+            return flat.mean(dim=2)
+        if reduce == "max":
+            return flat.amax(dim=2)
+        return flat.square().mean(dim=2)
+    keep = real[:, None, :].expand_as(flat)
+    count = real.sum(dim=1, keepdim=True).to(flat.dtype)  # [B, 1]; 0 for a sequence of padding only
     if reduce == "max":
-        return flat.amax(dim=2)
-    return flat.square().mean(dim=2)
+        out = flat.masked_fill(~keep, float("-inf")).amax(dim=2)
+    else:
+        values = flat.square() if reduce == "mean_square" else flat
+        out = values.masked_fill(~keep, 0.0).sum(dim=2) / count.clamp(min=1)
+    return out.masked_fill(count == 0, float("nan"))
 
 
 def layer_features(
@@ -160,17 +193,26 @@ def layer_features(
     reduce: LayerReduction = "mean",
     batch_size: int = 64,
     max_samples: int | None = None,
+    reshape: Reshape = None,
+    pad_token: int | None = None,
+    owner: str = "layer_features",
 ) -> tuple[Tensor, Tensor | None]:
     """The reduced activation of ``layer`` for every sample of ``data``: ``(features [N, D], labels [N] | None)``.
 
     Runs in eval mode under ``torch.no_grad()`` (the model's modes and gradients are restored afterwards, the
     hook removed), ``batch_size`` samples per forward pass; features are returned as float32 on the CPU.
-    ``max_samples`` stops after that many samples.
+    ``max_samples`` stops after that many samples. Pooled reductions pool units over positions as
+    :func:`reduce_activation` says with the batch's inputs: a vision transformer's token layer gives its ``D``
+    channels pooled over the patch tokens (``reshape``: the patch grid, as for the CAM family), a text model's
+    its ``D`` channels over the real tokens (``pad_token``: the padding id, ``None``: no padding).
     """
     if max_samples is not None:
-        check_int("max_samples", max_samples, minimum=1, owner="layer_features")
+        check_int("max_samples", max_samples, minimum=1, owner=owner)
     if not callable(reduce) and reduce not in _REDUCTIONS:
-        raise ValueError(f"unknown reduce {reduce!r}; valid values: {list(_REDUCTIONS)} or a callable")
+        raise ValueError(f"{owner}: unknown reduce {reduce!r}; valid values: {list(_REDUCTIONS)} or a callable")
+    reshape = check_reshape(reshape, owner)
+    check_optional_int("pad_token", pad_token, minimum=0, owner=owner)
+    name, _ = resolve_layer(model, layer)
     device = model_device(model)
     features: list[Tensor] = []
     labels: list[Tensor] = []
@@ -184,8 +226,12 @@ def layer_features(
                 keep = max_samples - seen
                 x, y = x[:keep], None if y is None else y[:keep]
             capture.clear()
-            model(x.to(device))
-            features.append(reduce_activation(capture.activation, reduce).float().cpu())
+            x = x.to(device)
+            model(x)
+            feats = reduce_activation(
+                capture.activation, reduce, inputs=x, reshape=reshape, pad_token=pad_token, owner=owner, layer=name
+            )
+            features.append(feats.float().cpu())
             if y is None:
                 has_labels = False
             else:

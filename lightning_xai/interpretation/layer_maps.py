@@ -9,6 +9,14 @@ turns the output into ``[B, D, h, w]`` with :func:`~lightning_xai.attribution.to
 transform the CAM family uses, under the same ``reshape`` option (``None``: prefix dropped and grid inferred
 from the token count and the image's aspect ratio; ``(h, w)``: that grid, prefix ``T - h * w``; a callable
 ``[B, T, D] -> [B, D, h, w]``).
+
+**Units over positions.** Methods that pool or sample a unit over its positions (activation maximisation's unit
+objective, the activation atlas, pooled layer features) read a layer with :func:`unit_positions`: ``[B, units,
+positions]`` and which positions are real. A feature map gives its channels over its pixels; a token layer of an
+image model its ``D`` channels over the patch tokens (the rule above); a token layer ``[B, T', D]`` of a text model
+fed ids ``[B, T]`` (:func:`is_text_token_output`: ``T <= T' <= T + MAX_PREFIX_TOKENS``) its ``D`` channels over
+the last ``T`` positions - one per input token, the ``T' - T`` prefix (class) tokens dropped - with the padding
+(``pad_token``) marked as not real. Never are the tokens read as the units.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ __all__ = [
     "INDEX_KEYS",
     "LayerReader",
     "check_reiterable",
+    "is_text_token_output",
     "is_token_output",
     "read_concept_batch",
     "unit_maps",
+    "unit_positions",
     "upsample_bilinear",
 ]
 
@@ -174,6 +184,67 @@ def unit_maps(
             f"{owner}: {where} emits token activations {list(activation.shape)} that reshape={reshape!r} cannot "
             f"lay out on a patch grid ({err}){hint}. Valid reshape values: {list(RESHAPE_CHOICES)}"
         ) from err
+
+
+def is_text_token_output(activation: Tensor, inputs: Tensor) -> bool:
+    """Whether a layer output is read as text tokens: a 3-D output ``[B, T', D]`` of a model fed token ids (an
+    integer, not bool, tensor ``[B, T]``) with ``T <= T' <= T + MAX_PREFIX_TOKENS`` (the input tokens, possibly
+    after prefix tokens such as a class token). A 3-D output of another length (a 1-D convolution's ``[B, C, L]``)
+    is read channel first."""
+    return (
+        isinstance(activation, Tensor)
+        and activation.ndim == 3
+        and isinstance(inputs, Tensor)
+        and inputs.ndim == 2
+        and not inputs.is_floating_point()
+        and not inputs.is_complex()
+        and inputs.dtype != torch.bool
+        and 0 <= int(activation.shape[1]) - int(inputs.shape[1]) <= MAX_PREFIX_TOKENS
+    )
+
+
+def unit_positions(
+    activation: Tensor,
+    inputs: Tensor,
+    reshape: Reshape = None,
+    *,
+    pad_token: int | None = None,
+    text: bool = True,
+    owner: str,
+    layer: str = "",
+) -> tuple[Tensor, Tensor | None]:
+    """``(values [B, units, P], real [B, P] bool or None)``: each unit's value at each position of a layer output
+    for ``inputs`` (see the module docstring), and which positions are real (``None``: all of them).
+
+    * ``[B, C]``: ``C`` units, one position; ``[B, C, *spatial]`` (feature maps, a 1-D convolution's ``[B, C, L]``):
+      ``C`` units over the flattened positions.
+    * token layer ``[B, T, D]`` of images ``[B, C, H, W]``: ``D`` units over the patch tokens (:func:`unit_maps`
+      with ``reshape``; a grid that does not fit raises naming ``owner``, the layer, the value and the choices).
+    * token layer ``[B, T', D]`` of token ids ``[B, T]`` (:func:`is_text_token_output`): ``D`` units over the last
+      ``T`` positions; ``real`` is ``ids != pad_token`` (``None`` without a ``pad_token``: every token is real).
+      ``text=False`` (a method that needs image inputs) raises a ``ValueError`` naming ``owner``, the layer and the
+      shapes instead.
+    """
+    if activation.ndim < 2:
+        raise ValueError(
+            f"{owner}: layer {layer!r} outputs shape {list(activation.shape)}; units need [B, C, ...] or tokens "
+            "[B, T, D]"
+        )
+    if is_token_output(activation, inputs):
+        size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+        return unit_maps(activation, size, reshape, owner=owner, layer=layer).flatten(2), None
+    if is_text_token_output(activation, inputs):
+        if not text:
+            raise ValueError(
+                f"{owner}: layer {layer!r} emits token activations {list(activation.shape)} of a model fed token "
+                f"ids {list(inputs.shape)}; {owner} supports image inputs [B, C, H, W] (feature maps [B, C, h, w] "
+                "or vision-transformer tokens [B, T, D], units = the D channels), not text token layers"
+            )
+        prefix = int(activation.shape[1]) - int(inputs.shape[1])
+        values = activation[:, prefix:].transpose(1, 2)
+        real = None if pad_token is None else (inputs != pad_token).to(activation.device)
+        return values, real
+    return (activation.flatten(2) if activation.ndim > 2 else activation.unsqueeze(2)), None
 
 
 class LayerReader:

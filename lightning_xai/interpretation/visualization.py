@@ -34,7 +34,8 @@ from lightning_xai.attribution.base import (
 )
 from lightning_xai.attribution.filters import gaussian_blur
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
-from lightning_xai.checks import check_float, check_int
+from lightning_xai.attribution.token_grid import Reshape, check_reshape
+from lightning_xai.checks import check_float, check_int, check_optional_int
 from lightning_xai.interpretation.embedding import (
     Data,
     LayerReduction,
@@ -42,6 +43,7 @@ from lightning_xai.interpretation.embedding import (
     model_device,
     reduce_activation,
 )
+from lightning_xai.interpretation.layer_maps import unit_positions
 
 __all__ = [
     "ActivationMaximization",
@@ -110,6 +112,11 @@ class ActivationMaximization:
         clamp: ``(low, high)`` input range, or ``None``.
         batch_size: images optimised together.
         seed: seed of the noise and the jitter.
+        reshape: how a token layer's output ``[B, T, D]`` (a vision transformer block) is read for a unit
+            objective: its units are the ``D`` channels and unit ``d``'s objective is the mean of channel ``d`` over
+            the patch tokens (class token dropped) - ``None`` infers the patch grid, ``(h, w)`` gives it (prefix
+            ``T - h * w``), a callable ``Tensor[B, T, D] -> Tensor[B, D, h, w]`` does the layout (the option of the
+            CAM family and :class:`~lightning_xai.interpretation.dissection.NetworkDissection`).
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class ActivationMaximization:
         clamp: tuple[float, float] | None = (0.0, 1.0),
         batch_size: int = 16,
         seed: int = 0,
+        reshape: Reshape = None,
     ) -> None:
         self.steps = check_int("steps", steps, minimum=1, owner="ActivationMaximization")
         self.lr = check_float("lr", lr, minimum=0.0, strict=True, owner="ActivationMaximization")
@@ -149,6 +157,7 @@ class ActivationMaximization:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
+        self.reshape = check_reshape(reshape, "ActivationMaximization")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -186,16 +195,16 @@ class ActivationMaximization:
         def unit_score(x: Tensor, sl: slice) -> Tensor:
             with capture_layer(model, layer) as capture:
                 model(x)
-            act = capture.activation
-            if act.ndim < 2:
-                raise ValueError(f"layer {layer!r} output has shape {list(act.shape)}; a unit needs [B, C, ...]")
-            if int(units.max()) >= act.shape[1]:
+            # [B, units, positions]: a token layer's units are its channels over the patch tokens
+            values, _ = unit_positions(
+                capture.activation, x, self.reshape, text=False, owner="ActivationMaximization", layer=layer
+            )
+            if int(units.max()) >= values.shape[1]:
                 raise ValueError(
-                    f"unit {int(units.max())} is out of range: layer {layer!r} has {act.shape[1]} units "
-                    f"(valid 0..{act.shape[1] - 1})"
+                    f"ActivationMaximization: unit {int(units.max())} is out of range: layer {layer!r} has "
+                    f"{values.shape[1]} units (valid 0..{values.shape[1] - 1})"
                 )
-            per_unit = act[torch.arange(act.shape[0], device=act.device), units[sl].to(act.device)]
-            return per_unit.flatten(1).mean(1) if per_unit.ndim > 1 else per_unit
+            return values[torch.arange(values.shape[0], device=values.device), units[sl].to(values.device)].mean(1)
 
         return unit_score
 
@@ -419,10 +428,17 @@ def rank_examples(
     reduce: LayerReduction = "mean",
     batch_size: int = 64,
     keep_inputs: bool = True,
+    reshape: Reshape = None,
+    pad_token: int | None = None,
 ) -> ExampleRanking:
     """Rank the samples of ``data`` by a class score (``target``: a class index - its logit - or a callable
-    ``output -> Tensor[B]``) or by a unit (``layer`` and ``unit``: the unit's activation reduced over space by
-    ``reduce``, default the mean) and return the ``k`` highest and ``k`` lowest.
+    ``output -> Tensor[B]``) or by a unit (``layer`` and ``unit``: the unit's activation reduced over its
+    positions by ``reduce``, default the mean) and return the ``k`` highest and ``k`` lowest.
+
+    Units are read as :func:`~lightning_xai.interpretation.embedding.reduce_activation` says: a vision
+    transformer's token layer ``[B, T, D]`` has ``D`` units over its patch tokens (``reshape``: the patch grid, as
+    for the CAM family); a text model's token layer ``D`` units over its real tokens (``pad_token``: the padding
+    id, left out; ``None``: every token is real).
 
     One pass over the data in eval mode under ``no_grad``, ``batch_size`` samples per forward pass, memory bounded
     by ``k`` (:class:`TopKBuffer`).
@@ -436,6 +452,9 @@ def rank_examples(
             raise ValueError(f"target must be a class index >= 0 or a callable output -> Tensor[B], got {target!r}")
     check_int("k", k, minimum=1, owner="rank_examples")
     check_int("batch_size", batch_size, minimum=1, owner="rank_examples")
+    reshape = check_reshape(reshape, "rank_examples")
+    check_optional_int("pad_token", pad_token, minimum=0, owner="rank_examples")
+    layer_name = resolve_layer(model, layer)[0] if layer is not None else ""
     top, bottom = TopKBuffer(k, largest=True), TopKBuffer(k, largest=False)
     device = model_device(model)
     seen = 0
@@ -446,12 +465,16 @@ def rank_examples(
         for x, _ in iterate_batches(data, batch_size):
             if capture is not None:
                 capture.clear()
-            out = model(x.to(device))
+            x_dev = x.to(device)
+            out = model(x_dev)
             if capture is not None:
-                feats = reduce_activation(capture.activation, reduce)
+                feats = reduce_activation(
+                    capture.activation, reduce, inputs=x_dev, reshape=reshape, pad_token=pad_token,
+                    owner="rank_examples", layer=layer_name,
+                )
                 if unit >= feats.shape[1]:  # type: ignore[operator]
                     raise ValueError(
-                        f"unit {unit} is out of range: the layer has {feats.shape[1]} units "
+                        f"rank_examples: unit {unit} is out of range: layer {layer_name!r} has {feats.shape[1]} units "
                         f"(valid 0..{feats.shape[1] - 1})"
                     )
                 scores = feats[:, unit]
