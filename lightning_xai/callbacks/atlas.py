@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.token_grid import Reshape
 from lightning_xai.batch import outputs_as_logits
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
 from lightning_xai.checks import check_int, check_optional_int
@@ -49,6 +50,9 @@ class ActivationAtlas(XAICallback):
         grid_size, positions_per_image, method: see :class:`lightning_xai.interpretation.ActivationAtlas`.
         target_class: draw the class-filtered atlas for this class (validated against the model's outputs).
         tile: pixels per grid cell in the logged image.
+        reshape: how a vision transformer's token layer ``[B, T, D]`` is laid out on its patch grid (see
+            :class:`lightning_xai.interpretation.ActivationAtlas`; with ``atlas=``, configure the atlas). The
+            layer's output is checked at setup: a grid that does not fit its tokens is a configuration error.
         **kwargs: the common callback arguments (``every_n_epochs``, ``split``, ``dataset``, ``on_error``,
             ``log_key``, ``seed``, ``output_dir``, ``batch_size``, ...).
     """
@@ -67,6 +71,7 @@ class ActivationAtlas(XAICallback):
         target_class: int | None = None,
         tile: int = 48,
         every_n_epochs: int | None = None,
+        reshape: Reshape = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(every_n_epochs=every_n_epochs, num_samples=0, **kwargs)
@@ -76,9 +81,12 @@ class ActivationAtlas(XAICallback):
             if not isinstance(layer, str) or not layer:
                 raise ValueError(f"{name}: give layer= (a dotted module name) or atlas=, got layer={layer!r}")
             atlas = AtlasMethod(layer, grid_size=grid_size, positions_per_image=positions_per_image, method=method,
-                                max_samples=self.num_samples, batch_size=self.batch_size, seed=self.seed)
+                                max_samples=self.num_samples, batch_size=self.batch_size, seed=self.seed,
+                                reshape=reshape)
         elif not isinstance(atlas, AtlasMethod):
             raise ValueError(f"{name}: atlas must be a lightning_xai.interpretation.ActivationAtlas, got {atlas!r}")
+        elif reshape is not None:
+            raise ValueError(f"{name}: give reshape= to the configured atlas, not the callback (got {reshape!r})")
         self.atlas = atlas
         self.target_class = check_optional_int("target_class", target_class, minimum=0, owner=name)
         self.tile = check_int("tile", tile, minimum=8, owner=name)
@@ -109,6 +117,10 @@ class ActivationAtlas(XAICallback):
         if x.ndim != 4:
             raise ConfigurationError(f"{self.name}: the atlas renders image inputs [B, C, H, W]; got shape "
                                      f"{list(x.shape)}")
+        try:  # a token layer's grid that fits no patch grid fails here, not after training
+            self.atlas.check_layer(model, x)
+        except ValueError as err:
+            raise ConfigurationError(f"{self.name}: the layer's activation vectors cannot be read: {err}") from err
         logits = self.eval_logits(pl_module, x.to(pl_module.device))
         if self.target_class is not None and (logits.ndim != 2 or self.target_class >= logits.shape[1]):
             valid = f"0..{logits.shape[1] - 1}" if logits.ndim == 2 else "none (the output is not [B, classes])"

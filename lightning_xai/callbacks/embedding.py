@@ -10,11 +10,19 @@ import torch
 from torch import Tensor
 
 from lightning_xai.attribution.layers import resolve_layer
+from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
 from lightning_xai.callbacks.logits import probe_sample_names, recording_outputs
-from lightning_xai.checks import check_choice, check_float, check_int
+from lightning_xai.callbacks.tokens import resolve_pad_token
+from lightning_xai.checks import check_choice, check_float, check_int, check_optional_int
 from lightning_xai.distributed import broadcast
-from lightning_xai.interpretation.embedding import LayerReduction, layer_features, project_features
+from lightning_xai.evaluation.base import is_token_batch
+from lightning_xai.interpretation.embedding import (
+    LayerReduction,
+    check_layer_features,
+    layer_features,
+    project_features,
+)
 from lightning_xai.viz.dashboard import log_scatter
 
 __all__ = ["EmbeddingProjector"]
@@ -27,7 +35,10 @@ class EmbeddingProjector(XAICallback):
     logged as a table and a W&B scatter plot (x, y, label, prediction), so that the class structure of the
     representation can be followed over training.
 
-    Features are the layer's activation reduced per sample by ``reduce`` (default: each channel's spatial mean);
+    Features are the layer's activation reduced per sample by ``reduce`` (default: each channel's spatial mean; on a
+    vision transformer's token layer ``[B, T, D]`` each of the ``D`` channels' mean over the patch tokens, class
+    token dropped; on a text model's token layer each channel's mean over the real tokens, padding left out - see
+    :func:`~lightning_xai.interpretation.embedding.reduce_activation`);
     features and predictions come from **one** forward pass of the full model (a hook records the layer). PCA is
     seeded and sign-fixed, so consecutive runs are comparable; t-SNE needs scikit-learn. Samples whose logits or
     features are NaN / inf are reported (once, by probe index) and left out of the map. Logged:
@@ -46,6 +57,12 @@ class EmbeddingProjector(XAICallback):
         num_samples: probe samples (at least 4).
         perplexity: t-SNE perplexity.
         class_names: names shown instead of class indices.
+        reshape: how a vision transformer's token layer is laid out on its patch grid (``None``: class token
+            dropped, grid inferred; ``(h, w)``; or a callable ``Tensor[B, T, D] -> Tensor[B, D, h, w]``), as for
+            the CAM family; checked at setup against the layer's output.
+        pad_token: text models (integer ``[B, T]`` inputs): the padding id, left out of the pooled features;
+            ``None``: the model's own (:func:`~lightning_xai.callbacks.tokens.model_pad_token`) if it declares
+            one - said once -, else every token is used.
         **kwargs: the common arguments of :class:`~lightning_xai.callbacks.base.XAICallback`.
     """
 
@@ -63,6 +80,8 @@ class EmbeddingProjector(XAICallback):
         batch_size: int = 64,
         class_names: Sequence[str] | None = None,
         log_key: str = "xai/embedding",
+        reshape: Reshape = None,
+        pad_token: int | None = None,
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -82,6 +101,11 @@ class EmbeddingProjector(XAICallback):
                     from err
         self.layer = layer
         self.reduce = reduce
+        self.reshape = check_reshape(reshape, name)
+        self.pad_token = check_optional_int("pad_token", pad_token, minimum=0, owner=name)
+        #: The padding id in use on token inputs: ``pad_token`` or the model's (decided on the first token batch).
+        self.padding: int | None = self.pad_token
+        self._padding_known = pad_token is not None
         self.class_names = None if class_names is None else list(class_names)
         #: One record per run: stage, epoch, step and ``explained_variance`` (None for t-SNE) - resumable.
         self.records: list[dict[str, Any]] = []
@@ -112,13 +136,30 @@ class EmbeddingProjector(XAICallback):
             resolve_layer(self.layer_module(pl_module), self.layer)
         except (ValueError, TypeError) as err:
             raise ConfigurationError(f"{self.name}: {err}") from err
+        if context.probe is not None:  # a token layer's grid that fits no patch grid fails here, not later
+            model, inputs = self.layer_module(pl_module), context.probe.inputs[:1]
+            try:
+                check_layer_features(model, self.layer, inputs, reduce=self.reduce, reshape=self.reshape,
+                                     pad_token=self._padding(model, inputs), owner=self.name)
+            except ValueError as err:
+                raise ConfigurationError(f"{self.name}: the layer's features cannot be read: {err}") from err
+
+    def _padding(self, model: Any, inputs: Tensor) -> int | None:
+        """The padding id of token inputs (resolved once, said once); ``None`` for other inputs."""
+        if not is_token_batch(inputs):
+            return None
+        if not self._padding_known:
+            self.padding = resolve_pad_token(self, self.pad_token, model)
+            self._padding_known = True
+        return self.padding
 
     # ------------------------------------------------------------------------------------------ work
     def _features(self, pl_module: Any, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """The layer's reduced features and the model's logits, from one forward pass of the full model."""
         model = self.layer_module(pl_module)
         with recording_outputs(model, self.output_reader) as outputs:
-            feats, _ = layer_features(model, self.layer, inputs, reduce=self.reduce, batch_size=self.batch_size)
+            feats, _ = layer_features(model, self.layer, inputs, reduce=self.reduce, batch_size=self.batch_size,
+                                      reshape=self.reshape, pad_token=self._padding(model, inputs), owner=self.name)
         return feats, torch.cat(outputs).float().cpu()
 
     def compute(self, trainer: Any, pl_module: Any) -> dict[str, float]:

@@ -367,6 +367,16 @@ class ActivationAtlas:
         input_shape = tuple(int(s) for s in shapes.max(0).values.tolist() if s > 0)
         return all_vectors, all_index, all_labels, all_attr, input_shape
 
+    def check_layer(self, model: nn.Module, inputs: Tensor) -> None:
+        """Raise the ``ValueError`` of a layer whose output cannot be read as unit vectors - a token layer whose
+        tokens ``reshape`` cannot lay out on a patch grid, a text token layer - from one forward pass of ``inputs``
+        (a setup check)."""
+        layer, _ = resolve_layer(model, self.layer)
+        x = inputs.detach().to(model_device(model))
+        with model_state_guard(model), torch.no_grad(), capture_layer(model, layer) as capture:
+            model(x)
+        self.unit_vectors(capture.activation, x, layer)
+
     def unit_vectors(self, act: Tensor, inputs: Tensor, layer: str) -> Tensor:
         """``act`` (or its gradient) as unit vectors over positions ``[B, C, P]``: the channels of a feature map,
         the ``D`` channels of a vision transformer's patch tokens; a text token layer raises."""

@@ -40,6 +40,7 @@ from lightning_xai.interpretation.layer_maps import unit_positions
 __all__ = [
     "Embedding",
     "LayerReduction",
+    "check_layer_features",
     "embed_layer",
     "iterate_batches",
     "layer_features",
@@ -240,6 +241,28 @@ def layer_features(
     if not features:
         raise ValueError("the data is empty: there are no samples to compute features for")
     return torch.cat(features), torch.cat(labels) if has_labels and labels else None
+
+
+def check_layer_features(
+    model: nn.Module,
+    layer: str | nn.Module,
+    inputs: Tensor,
+    *,
+    reduce: LayerReduction = "mean",
+    reshape: Reshape = None,
+    pad_token: int | None = None,
+    owner: str = "layer_features",
+) -> None:
+    """Raise the ``ValueError`` of a layer whose features :func:`layer_features` cannot read - a token layer whose
+    tokens ``reshape`` cannot lay out on a patch grid - from one forward pass of ``inputs`` (a setup check; the
+    model's state is restored)."""
+    name, _ = resolve_layer(model, layer)
+    x = inputs.detach().to(model_device(model))
+    with model_state_guard(model), torch.no_grad(), capture_layer(model, name) as capture:
+        model(x)
+    if not callable(reduce) and reduce != "flatten":
+        unit_positions(capture.activation, x, check_reshape(reshape, owner), pad_token=pad_token, owner=owner,
+                       layer=name)
 
 
 def _orient(components: Tensor) -> Tensor:
