@@ -28,6 +28,7 @@ from lightning_xai.evaluation import (
     PointingGame,
     RelevanceMass,
     RelevanceRank,
+    Sparseness,
     deletion_auc,
     deletion_curve,
     insertion_auc,
@@ -36,6 +37,7 @@ from lightning_xai.evaluation import (
     pointing_game,
     relevance_mass,
     relevance_rank,
+    sparseness,
 )
 from lightning_xai.models.transformers import TextClassifier
 from lightning_xai.namespace import pl
@@ -111,6 +113,35 @@ def test_token_maps_need_valid_to_be_told_from_an_unbatched_image():
         relevance_mass(MASKS, MASKS)
     with pytest.raises(ValueError, match="valid of shape"):
         pointing_game(MASKS, MASKS, valid=VALID[:, :4])
+
+
+def test_sparseness_of_a_padded_token_map_is_the_gini_index_of_its_real_tokens():
+    # sample 0: real tokens [1, 0, 0, 0] (one-hot of 4: G = 1 - 1/4), padding carrying relevance 9 and 9;
+    # sample 1: real tokens [2, 2, 2, 2, 2] (constant: G = 0), relevance 7 on the padding
+    heat = torch.tensor([[1.0, 0.0, 0.0, 0.0, 9.0, 9.0], [2.0, 2.0, -2.0, 2.0, 2.0, 7.0]])
+    assert sparseness(heat, valid=VALID).tolist() == pytest.approx([0.75, 0.0])
+    # the closed form over all six positions (padding scored): sorted |a| = [0, 0, 0, 1, 9, 9], ||a|| = 19
+    everything = torch.ones_like(VALID)
+    weights = [(6 - k + 0.5) / 6 for k in range(1, 7)]
+    expected_0 = 1 - 2 * sum(a / 19 * w for a, w in zip([0, 0, 0, 1, 9, 9], weights))
+    assert sparseness(heat, valid=everything)[0].item() == pytest.approx(expected_0, abs=1e-6)
+    assert abs(expected_0 - 0.75) > 0.1  # padding would change the score
+    # a random padded map equals the index of its real tokens on their own, sample by sample
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(6, 9, generator=g)
+    valid = torch.rand(6, 9, generator=g) > 0.4
+    valid[:, 0] = True
+    got = sparseness(maps, valid=valid)
+    for i in range(6):
+        alone = sparseness(maps[i][valid[i]][None], valid=torch.ones(1, int(valid[i].sum()), dtype=torch.bool))
+        assert got[i].item() == pytest.approx(alone.item(), abs=1e-6)
+    metric = Sparseness(return_per_sample=True)
+    metric.update(heat, valid=VALID)
+    assert metric.compute().tolist() == pytest.approx([0.75, 0.0])
+    # all relevance on the padding: no relevance among the tokens, excluded (NaN), never a number
+    assert math.isnan(sparseness(torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 5.0]]), valid=VALID[:1]).item())
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\] or \[B, H, W\].*valid="):
+        sparseness(heat)
 
 
 # ---------------------------------------------------------------------------------------------- deletion
@@ -316,6 +347,30 @@ def test_quality_on_a_text_transformer_under_fit_and_validate(tmp_path):
     assert values["token_occlusion/relevance_rank"] > 0.6
 
 
+def test_quality_scores_sparseness_on_token_data_without_the_padding(tmp_path):
+    method = TOKEN_METHODS[0]
+    quality = ExplanationQuality([method], metrics=["sparseness", "relevance_mass"], num_samples=8,
+                                 pad_token=PAD_TOKEN, every_n_epochs=1)
+    pl.seed_everything(0)
+    model = TextClassifier(max_len=16)
+    data = _token_data_module()
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, callbacks=[quality], default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=data)
+    assert not quality.errors, [str(e) for e in quality.errors]
+    assert math.isfinite(float(trainer.callback_metrics["xai/token_occlusion/sparseness"]))
+    model.eval()
+    val = data.dataset("val")
+    ids = torch.stack([val[i][0] for i in quality.probe.indices])
+    labels = torch.stack([val[i][1] for i in quality.probe.indices])
+    assert bool((ids == PAD_TOKEN).any())  # the probe set has padding to exclude
+    values = quality.evaluate(trainer, model)
+    maps = build_attributor(method)(model, ids, labels)
+    real = sparseness(maps, valid=ids != PAD_TOKEN)
+    assert values["token_occlusion/sparseness"] == pytest.approx(float(real.nanmean()), abs=1e-6)
+    with_padding = sparseness(maps, valid=torch.ones_like(ids, dtype=torch.bool))
+    assert abs(float(with_padding.nanmean()) - float(real.nanmean())) > 1e-3  # the padding is really left out
+
+
 def test_token_configuration_mistakes_raise_at_construction():
     with pytest.raises(ValueError, match=r"\['aopc'\] cannot score token inputs"):
         ExplanationQuality(TOKEN_METHODS, metrics=["aopc", "pointing_game"], input_kind="tokens", mask_token=1)
@@ -331,7 +386,7 @@ def test_token_configuration_mistakes_raise_at_construction():
     ("kwargs", "message"),
     [
         ({"metrics": ["deletion_auc"]}, "pass mask_token="),  # token mode found from the batch, no mask id
-        ({"metrics": ["sparseness"], "mask_token": 1}, r"\['sparseness'\] cannot score token inputs"),
+        ({"metrics": ["infidelity"], "mask_token": 1}, r"\['infidelity'\] cannot score token inputs"),
         ({"metrics": ["pointing_game"], "input_kind": "images"}, "input_kind='images' but the probe inputs are token"),
     ],
 )
@@ -360,5 +415,6 @@ def test_token_data_without_masks_names_token_masks(tmp_path):
 
     quality = ExplanationQuality(TOKEN_METHODS, metrics=["pointing_game"], num_samples=2)
     trainer = quiet_trainer(max_epochs=1, callbacks=[quality], default_root_dir=str(tmp_path))
-    with pytest.raises(ConfigurationError, match=r"all need token masks.*\['deletion_auc', 'insertion_auc'\]"):
+    no_masks_needed = r"\['deletion_auc', 'insertion_auc', 'sparseness'\]"
+    with pytest.raises(ConfigurationError, match=r"all need token masks.*" + no_masks_needed):
         trainer.fit(TextClassifier(max_len=16), datamodule=NoMasks(n_train=64, n_val=8, n_test=8, min_length=10))

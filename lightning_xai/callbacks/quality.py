@@ -52,7 +52,9 @@ _CURVE_METRICS = ("deletion_auc", "insertion_auc", "aopc")
 #: The metrics scored by default (the localisation ones only where the data has pixel masks).
 DEFAULT_METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "mask_iou", "relevance_mass")
 #: The metrics that score token models (integer ``[B, T]`` inputs, token maps ``[B, T]``).
-TOKEN_METRICS = ("deletion_auc", "insertion_auc", "pointing_game", "mask_iou", "relevance_mass", "relevance_rank")
+TOKEN_METRICS = (
+    "deletion_auc", "insertion_auc", "pointing_game", "mask_iou", "relevance_mass", "relevance_rank", "sparseness"
+)
 INPUT_KINDS = ("auto", "images", "tokens")
 
 
@@ -125,10 +127,11 @@ class ExplanationQuality(XAICallback):
     :class:`~lightning_xai.data.tokens.PlantedTokens`, explained by token methods such as ``token_saliency``,
     ``token_occlusion`` or ``attention_rollout``): the maps are one relevance per token, the localisation metrics
     (:data:`TOKEN_METRICS`) compare them with the batch's token masks ``[B, T]`` (e.g. the planted key
-    positions), and deletion / insertion replace a token's id by ``mask_token``, most relevant first. Positions
-    holding ``pad_token`` take no part anywhere: never removed, no mass, never the maximum, not counted in the
-    curves' fractions. Token mode is chosen from the probe batch (integer inputs) or by ``input_kind``, and
-    checked at setup: a metric that cannot score tokens (AOPC, infidelity, sparseness) or deletion / insertion
+    positions), deletion / insertion replace a token's id by ``mask_token``, most relevant first, and sparseness
+    is the Gini index of the real tokens' relevance. Positions holding ``pad_token`` take no part anywhere: never
+    removed, no mass, never the maximum, not counted in the curves' fractions nor in the Gini index. Token mode is
+    chosen from the probe batch (integer inputs) or by ``input_kind``, and
+    checked at setup: a metric that cannot score tokens (AOPC, infidelity) or deletion / insertion
     without ``mask_token`` is a configuration error.
 
     Args:
@@ -400,8 +403,8 @@ class ExplanationQuality(XAICallback):
         elif needs == "mask":
             assert masks is not None
             metric.update(maps, masks, **({} if valid is None else {"valid": valid}))
-        else:
-            metric.update(maps)
+        else:  # sparseness: token maps over their real tokens only
+            metric.update(maps, **({} if valid is None else {"valid": valid}))
 
     def _log_curve(self, trainer: Any, metric: Metric, method: str, name: str) -> None:
         try:
