@@ -13,10 +13,11 @@ from lightning_helpers import BlobData, quiet_trainer
 from lightning_xai.callbacks import ActivationAtlas as AtlasCallback
 from lightning_xai.callbacks import EmbeddingProjector
 from lightning_xai.callbacks.base import ConfigurationError
+from lightning_xai.data.tokens import PAD_TOKEN, PlantedTokensDataModule
 from lightning_xai.interpretation.atlas import ActivationAtlas, DirectionObjective
 from lightning_xai.interpretation.embedding import layer_features
 from lightning_xai.interpretation.visualization import ActivationMaximization, rank_examples
-from lightning_xai.models.transformers import TextTransformer, ViTClassifier, vit_tiny
+from lightning_xai.models.transformers import TextClassifier, TextTransformer, ViTClassifier, vit_tiny
 from lightning_xai.namespace import pl
 
 VIT_LAYER = "encoder.layers.encoder_layer_1"
@@ -240,3 +241,29 @@ def test_a_grid_that_does_not_fit_fails_at_setup_before_training(tmp_path, make)
     with pytest.raises(ConfigurationError, match=name + r": .*reshape=\(5, 5\).*grid \(4, 4\).*Valid reshape"):
         trainer.fit(model, BlobData(size=16))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_embedding_projector_on_a_text_model_pools_the_real_tokens(tmp_path):
+    pl.seed_everything(0)
+    model = TextClassifier(max_len=16)
+    data = PlantedTokensDataModule(n_train=32, n_val=16, n_test=8, batch_size=16, min_length=8, seed=3)
+    projector = EmbeddingProjector(f"backbone.{TEXT_LAYER}", num_samples=8, batch_size=4, output_dir="")
+    seen = {}
+    original = projector._features
+
+    def spy(pl_module, inputs):
+        feats, logits = original(pl_module, inputs)
+        seen["inputs"], seen["feats"] = inputs.detach().cpu(), feats
+        return feats, logits
+
+    projector._features = spy
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[projector],
+                            default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=data)
+    assert not projector.errors and projector.padding == PAD_TOKEN  # the model's pad token, said once
+    ids = seen["inputs"]
+    real = ids != PAD_TOKEN
+    assert bool((~real).any())  # the probe set has padding to leave out
+    tokens = hooked_output(model.backbone, TEXT_LAYER, ids)[:, 1:]
+    hand = torch.stack([tokens[i][real[i]].mean(0) for i in range(ids.shape[0])])
+    torch.testing.assert_close(seen["feats"], hand, atol=1e-5, rtol=1e-5)
