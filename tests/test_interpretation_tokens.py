@@ -207,11 +207,9 @@ def test_a_grid_that_does_not_fit_the_tokens_names_the_class_value_and_choices()
 
 
 # ------------------------------------------------------------------------------------------------ callbacks
-def test_embedding_projector_on_a_vit_logs_the_hand_pooled_channels(tmp_path):
-    pl.seed_everything(0)
-    model = ViTClassifier(num_classes=3, image_size=16, patch_size=4)
-    projector = EmbeddingProjector(f"backbone.{VIT_LAYER}", num_samples=8, batch_size=4, output_dir="")
-    seen = {}
+def spy_on_features(projector: EmbeddingProjector) -> dict:
+    """Record the probe inputs and the features the projector computes from them (filled when it runs)."""
+    seen: dict = {}
     original = projector._features
 
     def spy(pl_module, inputs):
@@ -220,6 +218,14 @@ def test_embedding_projector_on_a_vit_logs_the_hand_pooled_channels(tmp_path):
         return feats, logits
 
     projector._features = spy
+    return seen
+
+
+def test_embedding_projector_on_a_vit_logs_the_hand_pooled_channels(tmp_path):
+    pl.seed_everything(0)
+    model = ViTClassifier(num_classes=3, image_size=16, patch_size=4)
+    projector = EmbeddingProjector(f"backbone.{VIT_LAYER}", num_samples=8, batch_size=4, output_dir="")
+    seen = spy_on_features(projector)
     trainer = quiet_trainer(max_epochs=1, callbacks=[projector], default_root_dir=str(tmp_path))
     trainer.fit(model, BlobData(size=16))
     assert not projector.errors and len(projector.records) == 1
@@ -248,15 +254,7 @@ def test_embedding_projector_on_a_text_model_pools_the_real_tokens(tmp_path):
     model = TextClassifier(max_len=16)
     data = PlantedTokensDataModule(n_train=32, n_val=16, n_test=8, batch_size=16, min_length=8, seed=3)
     projector = EmbeddingProjector(f"backbone.{TEXT_LAYER}", num_samples=8, batch_size=4, output_dir="")
-    seen = {}
-    original = projector._features
-
-    def spy(pl_module, inputs):
-        feats, logits = original(pl_module, inputs)
-        seen["inputs"], seen["feats"] = inputs.detach().cpu(), feats
-        return feats, logits
-
-    projector._features = spy
+    seen = spy_on_features(projector)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[projector],
                             default_root_dir=str(tmp_path))
     trainer.fit(model, datamodule=data)

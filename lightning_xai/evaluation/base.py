@@ -125,6 +125,27 @@ def token_map_batch(attributions: Tensor, name: str = "attributions") -> Tensor:
     return attributions
 
 
+def scored_heat(attributions: Tensor, valid: Tensor | None) -> tuple[Tensor, bool]:
+    """``(heat, tokens)``: image maps as :func:`heatmap_batch` gives them (``[B, H, W]``, ``tokens=False``), or token
+    maps ``[B, T]`` as one-row images ``[B, 1, T]`` (``tokens=True``; callers lay their ``[B, T]`` masks out the
+    same way with :func:`as_token_rows`). A 2-D map is read as tokens only with ``valid`` (bool ``[B, T]``: ``True``
+    at the tokens, ``False`` at padding): without it ``[N, M]`` is ambiguous and raises."""
+    if isinstance(attributions, Tensor) and attributions.ndim == 2:
+        if valid is None:
+            raise ValueError(
+                f"attributions must have shape [B, C, H, W] or [B, H, W], got {list(attributions.shape)}; token maps "
+                "[B, T] are scored with valid= (bool [B, T]: True at the tokens, False at padding)"
+            )
+        return token_map_batch(attributions).unsqueeze(1), True
+    return heatmap_batch(attributions), False
+
+
+def as_token_rows(values: Tensor | None) -> Tensor | None:
+    """A ``[B, T]`` tensor as one-row images ``[B, 1, T]`` (anything else unchanged), to go with
+    :func:`scored_heat`'s token maps."""
+    return values.unsqueeze(1) if isinstance(values, Tensor) and values.ndim == 2 else values
+
+
 def is_token_batch(inputs: object) -> bool:
     """Whether ``inputs`` are token ids: an integer (not bool) tensor ``[B, T]``."""
     return (

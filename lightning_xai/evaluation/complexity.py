@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_xai.evaluation.base import PerSampleMeanMetric, heatmap_batch, mask_batch, token_map_batch
+from lightning_xai.evaluation.base import PerSampleMeanMetric, as_token_rows, mask_batch, scored_heat
 
 __all__ = ["Sparseness", "gini_index", "sparseness"]
 
@@ -67,16 +67,9 @@ def sparseness(attributions: Tensor, valid: Tensor | None = None) -> Tensor:
     tokens only (``N`` = their number), so padding neither dilutes nor concentrates the relevance. ``valid`` may
     also mark the positions of image maps (``[B, H, W]`` or ``[B, 1, H, W]``).
     """
-    if isinstance(attributions, Tensor) and attributions.ndim == 2:
-        if valid is None:  # a bare [N, M] tensor is ambiguous (one image without a batch?): tokens say so
-            raise ValueError(
-                f"attributions must have shape [B, C, H, W] or [B, H, W], got {list(attributions.shape)}; token maps "
-                "[B, T] are scored with valid= (bool [B, T]: True at the tokens, False at padding)"
-            )
-        heat = token_map_batch(attributions).unsqueeze(1)
-        valid = valid.unsqueeze(1) if isinstance(valid, Tensor) and valid.ndim == 2 else valid
-    else:
-        heat = heatmap_batch(attributions)
+    heat, tokens = scored_heat(attributions, valid)
+    if tokens:
+        valid = as_token_rows(valid)
     keep = None if valid is None else mask_batch(valid, heat, name="valid").flatten(1)
     return gini_index(heat.abs().flatten(1), keep).float()
 

@@ -37,10 +37,11 @@ from torch import Tensor
 from lightning_xai.checks import check_choice, check_int
 from lightning_xai.evaluation.base import (
     PerSampleMeanMetric,
+    as_token_rows,
     descending_ranks,
     heatmap_batch,
     mask_batch,
-    token_map_batch,
+    scored_heat,
 )
 
 _BINARIZATIONS = ("topk", "otsu")
@@ -67,20 +68,9 @@ def _located(attributions: Tensor, masks: Tensor, valid: Tensor | None) -> tuple
     """``(heat [B, H, W], mask bool [B, H, W], valid bool [B, H, W] or None)`` for image maps, or token maps
     ``[B, T]`` with masks / ``valid`` ``[B, T]`` seen as one-row images ``[B, 1, T]``; the mask is restricted to
     the valid positions."""
-    if isinstance(attributions, Tensor) and attributions.ndim == 2:
-        if valid is None:  # a bare [N, M] tensor is ambiguous (one image without a batch?): tokens say so
-            raise ValueError(
-                f"attributions must have shape [B, C, H, W] or [B, H, W], got {list(attributions.shape)}; token maps "
-                "[B, T] are scored with valid= (bool [B, T]: True at the tokens, False at padding)"
-            )
-        heat = token_map_batch(attributions).unsqueeze(1)
-
-        def as_rows(t: Tensor) -> Tensor:
-            return t.unsqueeze(1) if isinstance(t, Tensor) and t.ndim == 2 else t
-
-        masks, valid = as_rows(masks), None if valid is None else as_rows(valid)
-    else:
-        heat = heatmap_batch(attributions)
+    heat, tokens = scored_heat(attributions, valid)
+    if tokens:
+        masks, valid = as_token_rows(masks), as_token_rows(valid)
     mask = mask_batch(masks, heat)
     if valid is None:
         return heat, mask, None
