@@ -469,9 +469,10 @@ def test_attnlrp_keeps_the_contract_and_explains_tokens():
         AttnLRP(attention_rule="gamma")
 
 
-def test_transformers_example_runs(tmp_path):
+def test_transformers_example_runs(tmp_path, capsys):
     import importlib.util
     import os
+    import re
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "transformers.py")
     spec = importlib.util.spec_from_file_location("transformers_example", path)
@@ -482,6 +483,20 @@ def test_transformers_example_runs(tmp_path):
     assert page.count('<div style="font-family:monospace') == 3 * 4  # 3 methods x 4 sequences
     assert "key" in page and "[PAD]" not in page
     assert os.path.getsize(png) > 1000
+    printed = capsys.readouterr().out
+    # the quality table: one row per token method, four scores in [0, 1] each
+    table = printed.split("explanation quality against the planted keys", 1)[1]
+    for method in ("token_saliency", "token_integrated_gradients", "attnlrp", "attention_rollout"):
+        row = re.search(rf"^  {method}\s+(.*)$", table, re.M)
+        assert row is not None, table[:800]
+        scores = [float(v) for v in row.group(1).split()]
+        assert len(scores) == 4 and all(0.0 <= v <= 1.0 for v in scores), row.group(0)
+    # the token SAE (measured in quick mode: explained variance 0.64, loss recovered 0.95)
+    figures = r"explained variance ([\d.]+), L0 ([\d.]+), dead fraction ([\d.]+), loss recovered ([-\d.]+)"
+    sae = re.search(figures, printed)
+    assert sae is not None, printed[-1500:]
+    explained, l0, dead, recovered = (float(v) for v in sae.groups())
+    assert explained > 0.3 and l0 <= 8.0 and 0.0 <= dead < 0.5 and 0.5 < recovered <= 1.05
 
 
 # ---------------------------------------------------------------------------------------------------------------
