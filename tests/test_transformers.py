@@ -257,6 +257,15 @@ def test_token_grid_lays_patch_tokens_out_row_major():
     assert token_grid(act, reshape=lambda a: a[:, 1:].transpose(1, 2).reshape(2, 5, 3, 2)).shape == (2, 5, 3, 2)
     with pytest.raises(ValueError, match="needs 16 patch tokens"):
         token_grid(act, reshape=(4, 4))
+    # a grid far smaller than the patch tokens (a typo for (8, 8)) would drop 48 tokens as "prefix": refused,
+    # unless prefix_tokens says the model really prepends them
+    vit_tokens = torch.randn(2, 1 + 8 * 8, 5)
+    typo = r"reshape=\(4, 4\) .* would drop the first 49 as prefix tokens .* prefix_tokens="
+    with pytest.raises(ValueError, match=typo):
+        token_grid(vit_tokens, reshape=(4, 4))
+    assert torch.equal(token_grid(vit_tokens, reshape=(4, 4), prefix_tokens=49), vit_tokens[:, 49:].transpose(1, 2)
+                       .reshape(2, 5, 4, 4))
+    assert token_grid(torch.randn(1, 16 + 3 * 3, 5), reshape=(3, 3)).shape == (1, 5, 3, 3)  # 16 prefixes: allowed
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ pytorch-grad-cam asks its users to write by hand as a ``reshape_transform``. Her
   (``h / w = H / W``; square when the image size is unknown). ``T = 65`` on a square image: one class token and
   an 8x8 grid.
 * :func:`token_grid` applies it: ``[B, T, D] -> [B, D, h, w]``; a ``reshape`` option gives the grid ``(h, w)``
-  explicitly (prefix ``T - h*w``), or a callable that does the whole transform.
+  explicitly (prefix ``T - h*w``, at most :data:`MAX_PREFIX_TOKENS` unless ``prefix_tokens`` says so: a larger one
+  is almost always a mistyped grid), or a callable that does the whole transform.
 * :func:`grid_to_image` upsamples a patch-level map ``[B, h, w]`` to ``[B, 1, H, W]``.
 
 Pure torch; no hooks, no state.
@@ -112,6 +113,13 @@ def token_grid(
             raise ValueError(
                 f"reshape={reshape} needs {h * w} patch tokens (plus prefix_tokens={prefix_tokens}), but the layer "
                 f"emits {tokens} tokens"
+            )
+        if prefix_tokens is None and prefix > MAX_PREFIX_TOKENS:  # most likely a mistyped grid, not 17+ prefixes
+            raise ValueError(
+                f"reshape={reshape} lays out {h * w} of the layer's {tokens} tokens and would drop the first {prefix} "
+                f"as prefix tokens (more than the {MAX_PREFIX_TOKENS} a ViT prepends: class, distillation and "
+                "register tokens); give the patch grid of all patch tokens, or prefix_tokens= if the model really "
+                "prepends that many"
             )
     else:
         prefix, (h, w) = infer_grid(tokens, image_size, prefix_tokens)
