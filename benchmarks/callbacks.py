@@ -3,6 +3,7 @@
     python benchmarks/callbacks.py                 # resnet18, 64 px, batch 32, one thread (~10 minutes)
     python benchmarks/callbacks.py --quick         # smaller and fewer repetitions (a smoke run)
     python benchmarks/callbacks.py --scaling       # also: how the cost grows with probe size and image size
+    python benchmarks/callbacks.py --text          # the callbacks that apply to a text transformer (~1 minute)
 
 One training step (forward + backward + SGD step on a batch of 32) is the unit, because it is what a user pays
 for anyway: a callback costing 6 steps per invocation, run once per epoch, adds 6 / 1563 = 0.4 % to a CIFAR-10
@@ -12,6 +13,16 @@ matter less); the table gives the median ratio with its min-max spread, the peak
 invocation (sampled), and the share of a CIFAR-10-sized (1563 steps) and an ImageNet-sized (40 037 steps) epoch.
 Callbacks that run once at the end of fit by default (``every_n_epochs=None``) are marked "once": their cost is
 paid once per run, not per epoch.
+
+``--text`` measures the same way the callbacks that apply to a text classifier:
+:class:`~lightning_xai.models.transformers.TextClassifier` (64 tokens, vocabulary 1000, width 64, 4 blocks of 4
+heads, MLP 256; its own AdamW step) on :class:`~lightning_xai.data.tokens.PlantedTokensDataModule` (variable
+lengths 16-64, right-padded; batch 32), with ExplanationMonitor and ExplanationQuality on token methods (token
+saliency and attention rollout; the quality metrics at their defaults, removed tokens set to the mask id) and the
+EmbeddingProjector on the last block (padding left out). The unit is one training step of that model; the epoch
+shares are of an SST-2-sized (67 349 sentences / 32 = 2105 steps) and an AG-News-sized (120 000 / 32 = 3750 steps)
+epoch. Left out: SanityCheck (refuses token ids), ClassPrototypes, DissectionScores and TCAVScores (images or
+image concepts), RelevantUnits (on a text layer it reads the token positions, not the channels, as units).
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 import torchvision
@@ -43,10 +56,15 @@ from lightning_xai.callbacks import (
 )
 from lightning_xai.data import GroundTruthDataModule
 from lightning_xai.data.concepts import ConceptScenes
+from lightning_xai.data.tokens import MASK_TOKEN, PlantedTokensDataModule
+from lightning_xai.models.transformers import TextClassifier
 from lightning_xai.namespace import pl
 
 CIFAR10_STEPS = 50_000 // 32 + 1
 IMAGENET_STEPS = 1_281_167 // 32 + 1
+SST2_STEPS = 67_349 // 32 + 1
+AG_NEWS_STEPS = 120_000 // 32
+TOKEN_METHODS = [{"name": "token_saliency", "embedding": "backbone.embedding"}, "attention_rollout"]
 
 
 class UserModel(pl.LightningModule):
@@ -69,6 +87,28 @@ class UserModel(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3)
 
 
+@dataclass
+class Epoch:
+    """A column of the table: the share of an epoch of ``steps`` training steps, printed with ``digits``."""
+
+    header: str
+    steps: int
+    digits: int
+
+
+@dataclass
+class Setup:
+    """What one mode measures: the user's model, its data, the callbacks that apply to it and how the table is
+    titled."""
+
+    model: Any
+    data: Any
+    factories: dict[str, Callable[..., Any]]
+    unit: str  # the training step the costs are counted in, for the title
+    epochs: tuple[Epoch, ...]
+    optimizer: Callable[[Any], torch.optim.Optimizer]  # the user's optimiser over the model
+
+
 def factories(concepts: ConceptScenes) -> dict[str, Callable[..., Any]]:
     """Every callback at its defaults (plus the arguments it cannot do without)."""
     return {
@@ -85,7 +125,49 @@ def factories(concepts: ConceptScenes) -> dict[str, Callable[..., Any]]:
     }
 
 
-def prepared_trainer(model: UserModel, data: Any, root: str) -> Any:
+def text_factories(vocabulary: list[str]) -> dict[str, Callable[..., Any]]:
+    """The callbacks that apply to a text classifier, at their defaults where those take token ids, else on token
+    methods."""
+    return {
+        "ExplanationMonitor (token_saliency, attention_rollout)": lambda **kw: ExplanationMonitor(
+            TOKEN_METHODS, vocabulary=vocabulary, **kw
+        ),
+        "ExplanationQuality (token_saliency, attention_rollout)": lambda **kw: ExplanationQuality(
+            TOKEN_METHODS, mask_token=MASK_TOKEN, **kw
+        ),
+        "EmbeddingProjector (backbone.blocks.3)": lambda **kw: EmbeddingProjector("backbone.blocks.3", **kw),
+    }
+
+
+def image_setup(args: argparse.Namespace) -> Setup:
+    """resnet18 on the ground-truth shapes, every callback."""
+    data = GroundTruthDataModule(num_classes=6, image_size=args.image_size, n_train=64, n_val=64, n_test=8,
+                                 batch_size=32)
+    concepts = ConceptScenes(size=400, image_size=args.image_size, seed=3)
+    model = UserModel(num_classes=6)
+    return Setup(
+        model, data, factories(concepts), f"resnet18 ({args.image_size} px, batch 32",
+        (Epoch("CIFAR-10 epoch", CIFAR10_STEPS, 2), Epoch("ImageNet epoch", IMAGENET_STEPS, 3)),
+        lambda m: torch.optim.SGD(m.parameters(), lr=1e-4),
+    )
+
+
+def text_setup(args: argparse.Namespace) -> Setup:
+    """A 4-block text transformer on planted-key sequences (right-padded), the callbacks that take token ids."""
+    data = PlantedTokensDataModule(seq_len=args.seq_len, vocab_size=1000, min_length=args.seq_len // 4, n_train=64,
+                                   n_val=64, n_test=8, batch_size=32)
+    model = TextClassifier(vocab_size=data.vocab_size, num_classes=data.num_classes, max_len=data.seq_len, dim=64,
+                           depth=4, heads=4, mlp_dim=256)
+    return Setup(
+        model, data, text_factories(data.token_names),
+        f"TextClassifier ({args.seq_len} tokens, vocabulary 1000, width 64, 4 blocks, batch 32",
+        (Epoch(f"SST-2-sized epoch ({SST2_STEPS} steps)", SST2_STEPS, 2),
+         Epoch(f"AG-News-sized epoch ({AG_NEWS_STEPS} steps)", AG_NEWS_STEPS, 2)),
+        lambda m: m.build_optimizer(m.optimizer_parameters()),
+    )
+
+
+def prepared_trainer(model: Any, data: Any, root: str) -> Any:
     """A Trainer that has run one training step with ``data``, so callbacks find loaders and state as they would
     at an epoch end."""
     trainer = pl.Trainer(
@@ -96,16 +178,20 @@ def prepared_trainer(model: UserModel, data: Any, root: str) -> Any:
     return trainer
 
 
-def measure(make: Callable[..., Any], model: UserModel, trainer: Any, batch: Any, repeats: int,
+def measure(make: Callable[..., Any], setup: Setup, trainer: Any, batch: Any, repeats: int,
             **kwargs: Any) -> dict[str, Any]:
+    """One callback's invocation and one training step, interleaved ``repeats`` times (after a warm-up of both)."""
+    model = setup.model
     callback = make(**kwargs)
     callback.setup(trainer, model, "fit")
     callback._check_configuration(trainer, model)  # the one-off setup dry pass, not timed
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    optimizer = setup.optimizer(model)
 
     def step() -> None:
         optimizer.zero_grad()
-        model.training_step(batch, 0).backward()
+        with mock.patch.object(model, "log", lambda *args, **kwargs: None):  # refused outside the fit loop, where
+            loss = model.training_step(batch, 0)  # it is a dictionary write (negligible next to the step)
+        loss.backward()
         optimizer.step()
 
     def invoke() -> None:
@@ -124,52 +210,54 @@ def measure(make: Callable[..., Any], model: UserModel, trainer: Any, batch: Any
     return {"ratio": spread(ratios), "memory_mb": memory, "once": callback.every_n_epochs is None}
 
 
+def print_table(setup: Setup, rows: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> None:
+    print(f"\nCost of one invocation at defaults, in training steps of {setup.unit}, "
+          f"{args.threads} thread(s)); median [min-max] over {args.repeats} interleaved repetitions\n")
+    print("| callback (defaults) | steps per invocation | peak extra memory | "
+          + " | ".join(e.header for e in setup.epochs) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(setup.epochs))
+    for name, r in rows:
+        shares = " | ".join(f"{100 * r['ratio'].median / e.steps:.{e.digits}f} %" for e in setup.epochs)
+        when = " (once, at fit end)" if r["once"] else ""
+        print(f"| {name}{when} | {r['ratio']} | {r['memory_mb']:.0f} MB | {shares} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--text", action="store_true", help="a text transformer and the callbacks that take tokens")
+    parser.add_argument("--seq-len", type=int, default=64, help="--text: tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="32 px, one repetition")
+    parser.add_argument("--quick", action="store_true", help="32 px (--text: 32 tokens), one repetition")
     parser.add_argument("--scaling", action="store_true", help="also fit the growth with probe and image size")
     parser.add_argument("--only", default="", help="comma-separated callback names (prefixes) to measure")
     args = parser.parse_args(argv)
     if args.quick:
-        args.image_size, args.repeats = 32, 1
+        args.image_size, args.seq_len, args.repeats = 32, 32, 1
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
 
-    data = GroundTruthDataModule(num_classes=6, image_size=args.image_size, n_train=64, n_val=64, n_test=8,
-                                 batch_size=32)
-    concepts = ConceptScenes(size=400, image_size=args.image_size, seed=3)
-    model = UserModel(num_classes=6)
+    setup = text_setup(args) if args.text else image_setup(args)
     with tempfile.TemporaryDirectory() as root:
-        trainer = prepared_trainer(model, data, root)
-        batch = next(iter(data.train_dataloader()))
+        trainer = prepared_trainer(setup.model, setup.data, root)
+        batch = next(iter(setup.data.train_dataloader()))
         rows = []
-        for name, make in factories(concepts).items():
+        for name, make in setup.factories.items():
             if args.only and not any(name.startswith(p) for p in args.only.split(",")):
                 continue
-            result = measure(make, model, trainer, batch, args.repeats)
+            result = measure(make, setup, trainer, batch, args.repeats)
             rows.append((name, result))
             print(f"measured {name}: {result['ratio']} steps", file=sys.stderr, flush=True)
-
-        print(f"\nCost of one invocation at defaults, in training steps of resnet18 ({args.image_size} px, batch 32, "
-              f"{args.threads} thread(s)); median [min-max] over {args.repeats} interleaved repetitions\n")
-        print("| callback (defaults) | steps per invocation | peak extra memory | CIFAR-10 epoch | ImageNet epoch |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for name, r in rows:
-            cifar = 100 * r["ratio"].median / CIFAR10_STEPS
-            imagenet = 100 * r["ratio"].median / IMAGENET_STEPS
-            when = " (once, at fit end)" if r["once"] else ""
-            print(f"| {name}{when} | {r['ratio']} | {r['memory_mb']:.0f} MB | {cifar:.2f} % | {imagenet:.3f} % |")
+        print_table(setup, rows, args)
 
         if args.scaling:
             print("\nGrowth with the probe size (steps per invocation; slope = steps per extra probe sample):\n")
-            for name in ("ExplanationMonitor", "ExplanationQuality"):
-                make = factories(concepts)[name]
+            for name in [n for n in setup.factories if n.startswith(("ExplanationMonitor", "ExplanationQuality"))]:
+                make = setup.factories[name]
                 sizes = [4, 8, 16]
-                costs = [measure(make, model, trainer, batch, 1, num_samples=n)["ratio"].median for n in sizes]
+                costs = [measure(make, setup, trainer, batch, 1, num_samples=n)["ratio"].median for n in sizes]
                 slope = (costs[-1] - costs[0]) / (sizes[-1] - sizes[0])
                 print(f"  {name}: " + ", ".join(f"{n}: {c:.2f}" for n, c in zip(sizes, costs))
                       + f"  -> {slope:.3f} steps per sample")
