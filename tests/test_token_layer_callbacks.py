@@ -81,3 +81,50 @@ def test_relevant_units_with_a_grid_that_does_not_fit_fails_at_setup(tmp_path):
     trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path))
     with pytest.raises(ConfigurationError, match=r"RelevantUnits: .*RelevantUnitAnalysis: .*reshape=\(5, 5\)"):
         trainer.fit(model, data)
+
+
+# ------------------------------------------------------------------------------------------------ text models
+def _text_run(callback, tmp_path):
+    from lightning_xai.data.tokens import PlantedTokensDataModule
+    from lightning_xai.models.transformers import TextClassifier
+
+    data = PlantedTokensDataModule(n_train=32, n_val=16, n_test=8, batch_size=16, min_length=8, seed=3)
+    model = TextClassifier(max_len=data.seq_len)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback], default_root_dir=str(tmp_path))
+    return trainer, model, data, before
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        # relevant units work in image space: reading a text layer's tokens as units would be a wrong number
+        (lambda: RelevantUnits(RelevantUnitAnalysis("backbone.blocks.1"), num_samples=8),
+         r"RelevantUnits: .*RelevantUnitAnalysis: layer 'backbone.blocks.1' emits token activations \[\d+, 17, 32\] "
+         r"of a model fed token ids .* not text token layers"),
+        # the randomisation test compares image maps: said as such, also when every method takes token ids
+        (lambda: __import__("lightning_xai.callbacks", fromlist=["SanityCheck"]).SanityCheck(
+            [{"name": "token_saliency", "embedding": "backbone.embedding"}], num_samples=4),
+         r"SanityCheck: the inputs are token ids .* does not score token maps yet"),
+    ],
+)
+def test_image_space_callbacks_refuse_text_models_at_setup(tmp_path, make, message):
+    trainer, model, data, before = _text_run(make(), tmp_path)
+    with pytest.raises(ConfigurationError, match=message):
+        trainer.fit(model, datamodule=data)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # before the first training step
+
+
+def test_unit_ablation_refuses_a_text_token_layer():
+    from lightning_xai.data.tokens import PlantedTokens
+    from lightning_xai.interpretation.relevant_units import RelevantUnitsResult
+    from lightning_xai.interpretation.unit_ablation import unit_ablation
+    from lightning_xai.models.transformers import TextTransformer
+
+    data = PlantedTokens(size=8, seed=0)
+    model = TextTransformer(data.vocab_size, data.num_classes, max_len=data.seq_len)
+    units = [("blocks.0", d) for d in range(4)]
+    weights = torch.eye(4)[:, : data.num_classes]  # unit d relevant to class d (a hand-made result)
+    result = RelevantUnitsResult(units, weights, torch.ones(4), mu=1.0, layers=["blocks.0"])
+    with pytest.raises(ValueError, match=r"unit_ablation: layer 'blocks.0' emits token activations .* not text token"):
+        unit_ablation(model, result, (data.tokens, data.labels), num_random=1)

@@ -16,6 +16,7 @@ from lightning_xai.batch import outputs_as_logits
 from lightning_xai.callbacks.base import ConfigurationError, ValidationContext, XAICallback
 from lightning_xai.checks import check_choice, check_float, check_int, suggest
 from lightning_xai.evaluation import SIMILARITY_MEASURES, ModelRandomization, parametrised_layers
+from lightning_xai.evaluation.base import is_token_batch
 from lightning_xai.viz.logging import log_line_plot, log_table
 
 __all__ = ["SanityCheck"]
@@ -128,7 +129,19 @@ class SanityCheck(XAICallback):
                 "similarity": self.similarity, "threshold": self.threshold, "top_layers": self.top_layers}
 
     # ------------------------------------------------------------------------------------------ setup
+    def accepts_token_ids(self) -> bool:
+        """Token ids pass the base's input check when every method takes them, so that :meth:`validate` can say
+        what is really missing (the randomisation test on token maps)."""
+        return all(bool(getattr(a, "accepts_token_ids", False)) for a in self.attributors.values())
+
     def validate(self, trainer: Any, pl_module: Any, context: ValidationContext) -> None:
+        if context.probe is not None and is_token_batch(context.probe.inputs):
+            raise ConfigurationError(
+                f"{self.name}: the inputs are token ids {list(context.probe.inputs.shape)}; the model-randomisation "
+                "test compares image maps (Spearman over pixels, SSIM, HOG) and does not score token maps yet. "
+                "Use it on image models; for token models, ExplanationMonitor's drift and ExplanationQuality "
+                "score token explanations with the padding left out"
+            )
         model = self.layer_module(pl_module)
         names = [n for n, _ in model.named_modules() if n]
         for name, checker in self.checkers.items():

@@ -40,6 +40,7 @@ __all__ = [
     "is_text_token_output",
     "is_token_output",
     "read_concept_batch",
+    "reject_text_tokens",
     "unit_maps",
     "unit_positions",
     "upsample_bilinear",
@@ -203,6 +204,18 @@ def is_text_token_output(activation: Tensor, inputs: Tensor) -> bool:
     )
 
 
+def reject_text_tokens(activation: Tensor, inputs: Tensor, *, owner: str, layer: str = "") -> None:
+    """Raise a ``ValueError`` naming ``owner``, the layer and the shapes when ``activation`` is a text token layer
+    (:func:`is_text_token_output`), for methods that work in image space (their units' maps, receptive fields and
+    ablations are defined over images); reading its tokens as units would give a wrong number, silently."""
+    if is_text_token_output(activation, inputs):
+        raise ValueError(
+            f"{owner}: layer {layer!r} emits token activations {list(activation.shape)} of a model fed token ids "
+            f"{list(inputs.shape)}; {owner} supports image inputs [B, C, H, W] (feature maps [B, C, h, w] or "
+            "vision-transformer tokens [B, T, D], units = the D channels), not text token layers"
+        )
+
+
 def unit_positions(
     activation: Tensor,
     inputs: Tensor,
@@ -235,11 +248,7 @@ def unit_positions(
         return unit_maps(activation, size, reshape, owner=owner, layer=layer).flatten(2), None
     if is_text_token_output(activation, inputs):
         if not text:
-            raise ValueError(
-                f"{owner}: layer {layer!r} emits token activations {list(activation.shape)} of a model fed token "
-                f"ids {list(inputs.shape)}; {owner} supports image inputs [B, C, H, W] (feature maps [B, C, h, w] "
-                "or vision-transformer tokens [B, T, D], units = the D channels), not text token layers"
-            )
+            reject_text_tokens(activation, inputs, owner=owner, layer=layer)
         prefix = int(activation.shape[1]) - int(inputs.shape[1])
         values = activation[:, prefix:].transpose(1, 2)
         real = None if pad_token is None else (inputs != pad_token).to(activation.device)

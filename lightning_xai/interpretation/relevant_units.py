@@ -52,7 +52,7 @@ from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.checks import check_int
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device, reduce_activation
 from lightning_xai.interpretation.lasso import constrained_lasso, project_l1_ball
-from lightning_xai.interpretation.layer_maps import is_token_output, unit_maps
+from lightning_xai.interpretation.layer_maps import is_token_output, reject_text_tokens, unit_maps
 from lightning_xai.interpretation.receptive_field import ReceptiveField, crop_receptive_fields, receptive_field
 from lightning_xai.interpretation.visualization import TopKBuffer
 
@@ -76,7 +76,9 @@ Unit = tuple[str, int]
 
 
 def _maps(activation: Tensor, inputs: Tensor, reshape: Reshape, owner: str, layer: str) -> Tensor:
-    """A layer's output with its units on dim 1: token activations become unit maps ``[B, D, h, w]``."""
+    """A layer's output with its units on dim 1: token activations become unit maps ``[B, D, h, w]``; a text token
+    layer raises (the analysis works in image space)."""
+    reject_text_tokens(activation, inputs, owner=owner, layer=layer)
     if not is_token_output(activation, inputs):
         return activation
     return unit_maps(activation, (int(inputs.shape[-2]), int(inputs.shape[-1])), reshape, owner=owner, layer=layer)

@@ -20,7 +20,7 @@ from lightning_xai.attribution.base import model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.checks import check_int
 from lightning_xai.interpretation.embedding import Data, iterate_batches, model_device
-from lightning_xai.interpretation.layer_maps import is_token_output
+from lightning_xai.interpretation.layer_maps import is_token_output, reject_text_tokens
 
 if TYPE_CHECKING:
     from lightning_xai.interpretation.relevant_units import RelevantUnitsResult
@@ -188,6 +188,8 @@ def unit_ablation(
             with contextlib.ExitStack() as stack:
                 captures = [stack.enter_context(capture_layer(model, layer, clone_output=False)) for layer in layers]
                 pred = model(x).argmax(dim=1)
+            for cap in captures:
+                reject_text_tokens(cap.activation, x, owner="unit_ablation", layer=cap.name)
             tokens = {cap.name for cap in captures if is_token_output(cap.activation, x)}
             for c in y.unique().tolist():
                 sel = y == c
