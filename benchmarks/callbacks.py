@@ -21,8 +21,9 @@ lengths 16-64, right-padded; batch 32), with ExplanationMonitor and ExplanationQ
 saliency and attention rollout; the quality metrics at their defaults, removed tokens set to the mask id) and the
 EmbeddingProjector on the last block (padding left out). The unit is one training step of that model; the epoch
 shares are of an SST-2-sized (67 349 sentences / 32 = 2105 steps) and an AG-News-sized (120 000 / 32 = 3750 steps)
-epoch. Left out: SanityCheck (refuses token ids), ClassPrototypes, DissectionScores and TCAVScores (images or
-image concepts), RelevantUnits (on a text layer it reads the token positions, not the channels, as units).
+epoch. Left out, because they refuse text models at setup: SanityCheck (the randomisation test does not score
+token maps yet), ClassPrototypes, DissectionScores, TCAVScores and RelevantUnits (they work in image space: images,
+image concepts, receptive fields).
 """
 
 from __future__ import annotations
