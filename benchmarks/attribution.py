@@ -27,14 +27,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torchvision
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.measure import PeakMemory, cpu_seconds
 from lightning_xai.attribution import ATTRIBUTORS, build_attributor
 from lightning_xai.attribution.pattern import fit_patterns
 
@@ -128,13 +129,6 @@ def cases(channels: int, windows: int, pd_windows: int, patterns: str) -> list[C
     ]
 
 
-def cpu_time(fn: Callable[[], object]) -> float:
-    """CPU seconds of this process (every thread) spent in ``fn()``."""
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
-
-
 def make_attributor(spec: dict, size: int):
     """The attributor of a benchmark case; ``"reference": N`` stands for N random reference images (JSON-able)."""
     spec = dict(spec)
@@ -151,9 +145,9 @@ def interleaved(
     fwd_bwd(), fwd(), method()
     out: dict[str, list[float]] = {"method": [], "fwd_bwd": [], "fwd": []}
     for _ in range(repeats):
-        out["fwd_bwd"].append(cpu_time(fwd_bwd))
-        out["fwd"].append(cpu_time(fwd))
-        out["method"].append(cpu_time(method))
+        out["fwd_bwd"].append(cpu_seconds(fwd_bwd))
+        out["fwd"].append(cpu_seconds(fwd))
+        out["method"].append(cpu_seconds(method))
     return out
 
 
@@ -184,11 +178,6 @@ def reference_passes(model, x, target) -> tuple[Callable[[], None], Callable[[],
     return fwd_bwd, fwd
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_extra_memory(spec_json: str, batch: int, size: int, threads: int) -> None:
     """Child process of :func:`peak_extra_mb`: prints the peak resident memory (MB) *added* while the method (or,
     for ``"null"``, the reference pass) runs once, over the resident memory just before the call. Sampled every
@@ -202,23 +191,9 @@ def measure_extra_memory(spec_json: str, batch: int, size: int, threads: int) ->
     else:
         attributor = make_attributor(spec, size)
         run = lambda: attributor(model, x, target)  # noqa: E731
-    base = _resident_bytes()
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _resident_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with PeakMemory(interval=0.001) as memory:
         run()
-    finally:
-        done.set()
-        sampler.join()
-    peak[0] = max(peak[0], _resident_bytes())
-    print((peak[0] - base) / 2**20)
+    print(memory.extra_mb)
 
 
 def peak_extra_mb(spec: dict | None, batch: int, size: int, threads: int) -> float:
@@ -302,7 +277,6 @@ def main(argv: list[str] | None = None) -> None:
         print(row, flush=True)
     patterns_dir.cleanup()
     if args.peers:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from benchmarks.peers import run_peers
 
         run_peers(model, x, target, t_fb, repeats)

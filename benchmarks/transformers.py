@@ -29,16 +29,17 @@ import argparse
 import os
 import statistics
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import lightning_xai.attribution.attention  # these imports register the methods by name
 import lightning_xai.attribution.lrp.transformer
 import lightning_xai.attribution.token_surrogate  # noqa: F401
+from benchmarks.measure import PeakMemory, cpu_seconds
 from lightning_xai.attribution.base import build_attributor
 from lightning_xai.attribution.tokens import embedding_swap
 from lightning_xai.models.transformers import TextTransformer, vit_tiny
@@ -96,35 +97,11 @@ def text_cases(length: int) -> list[Case]:
     ]
 
 
-def cpu_time(fn: Callable[[], object]) -> float:
-    t0 = time.process_time()
-    fn()
-    return time.process_time() - t0
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_extra_mb(fn: Callable[[], object]) -> float:
     """Peak resident memory added while ``fn()`` runs (MB), sampled every millisecond (Linux only)."""
-    base = _resident_bytes()
-    peak, done = [base], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _resident_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
+    with PeakMemory(interval=0.001) as memory:
         fn()
-    finally:
-        done.set()
-        thread.join()
-    return (max(peak[0], _resident_bytes()) - base) / 2**20
+    return memory.extra_mb
 
 
 def vit_setup(batch: int):
@@ -167,8 +144,8 @@ def text_setup(batch: int, length: int):
 def run_table(title: str, setup, cases: list[Case], repeats: int, memory: bool) -> float:
     model, x, target, fwd_bwd, fwd = setup
     fwd_bwd(), fwd()
-    ref_fb = [cpu_time(fwd_bwd) for _ in range(repeats)]
-    ref_f = [cpu_time(fwd) for _ in range(repeats)]
+    ref_fb = [cpu_seconds(fwd_bwd) for _ in range(repeats)]
+    ref_f = [cpu_seconds(fwd) for _ in range(repeats)]
     t_fb, t_f = statistics.median(ref_fb), statistics.median(ref_f)
     print(f"\n{title}")
     print(f"reference (CPU time): forward + backward {t_fb * 1e3:.1f} ms, forward {t_f * 1e3:.1f} ms")
@@ -189,8 +166,8 @@ def run_table(title: str, setup, cases: list[Case], repeats: int, memory: bool) 
             continue
         ratios, per_unit, times = [], [], []
         for _ in range(repeats):
-            r_fb, r_f = cpu_time(fwd_bwd), cpu_time(fwd)
-            t = cpu_time(lambda a=attributor: a(model, x, target))
+            r_fb, r_f = cpu_seconds(fwd_bwd), cpu_seconds(fwd)
+            t = cpu_seconds(lambda a=attributor: a(model, x, target))
             times.append(t)
             ratios.append(t / r_fb)
             per_unit.append(t / ((r_fb if case.unit == "fwd_bwd" else r_f) * case.units))
@@ -231,8 +208,8 @@ def run_captum_peer(setup, steps: int, repeats: int) -> None:
     a, b = ours(model, ids, target), peer()
     t_ours, t_peer = [], []
     for _ in range(repeats):
-        t_ours.append(cpu_time(lambda: ours(model, ids, target)))
-        t_peer.append(cpu_time(peer))
+        t_ours.append(cpu_seconds(lambda: ours(model, ids, target)))
+        t_peer.append(cpu_seconds(peer))
     scale = torch.maximum(a.abs().amax(1), b.abs().amax(1)).clamp_min(1e-12)
     rel = float(((a - b).abs().amax(1) / scale).max())
     print(
@@ -275,8 +252,8 @@ def run_gradcam_peer(setup, layer: str, repeats: int) -> None:
             return torch.from_numpy(cam(input_tensor=x.clone(), targets=targets)).unsqueeze(1)
 
     b = peer()
-    t_ours = [cpu_time(lambda: ours(model, x, target)) for _ in range(repeats)]
-    t_peer = [cpu_time(peer) for _ in range(repeats)]
+    t_ours = [cpu_seconds(lambda: ours(model, x, target)) for _ in range(repeats)]
+    t_peer = [cpu_seconds(peer) for _ in range(repeats)]
     flat = a.flatten(1)
     low, span = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True) - flat.amin(1, keepdim=True)
     a01 = ((flat - low) / torch.where(span > 0, span, torch.ones_like(span))).view_as(a)  # the peer's min-max
