@@ -24,7 +24,10 @@ Machines are noisy (a shared CPU changes every number); quote ratios from one ru
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import time
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -35,27 +38,22 @@ from lightning_xai.interpretation import ActivationAtlas
 from lightning_xai.interpretation.atlas import layout_2d
 from lightning_xai.interpretation.visualization import ActivationMaximization
 
-SIZE = 24
+
+def _example() -> ModuleType:
+    """``examples/cem_and_atlas.py``, whose model, training loop and image size this benchmark measures (loaded
+    from its file: the examples are scripts, not a package)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "cem_and_atlas.py")
+    spec = importlib.util.spec_from_file_location("cem_and_atlas_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def flower_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(32, 6),
-    )
-
-
-def train(model: nn.Module, data: GroundTruthShapes, epochs: int = 6) -> None:
-    opt = torch.optim.Adam(model.parameters(), 5e-3)
-    for epoch in range(epochs):
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(data), 40):
-            idx = perm[i : i + 40]
-            loss = nn.functional.cross_entropy(model(data.images[idx]), data.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+EXAMPLE = _example()
+SIZE = EXAMPLE.SIZE
+flower_cnn = EXAMPLE.flower_cnn
+EPOCHS = 6
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -93,7 +91,7 @@ def main() -> None:
     n = 8 if args.quick else 32
     iterations = 20 if args.quick else 40
     model = flower_cnn()
-    train(model, GroundTruthShapes(6, 1200, SIZE, seed=1))
+    EXAMPLE.train(model, GroundTruthShapes(6, 1200, SIZE, seed=1), EPOCHS)
     test = GroundTruthShapes(6, 200, SIZE, seed=2)
     with torch.no_grad():
         accuracy = float((model(test.images).argmax(1) == test.labels).float().mean())
