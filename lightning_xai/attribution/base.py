@@ -45,6 +45,7 @@ __all__ = [
     "build_attributor",
     "chunk_slices",
     "gradient_context",
+    "model_device",
     "model_logits",
     "model_state_guard",
     "select_scores",
@@ -168,6 +169,15 @@ def gradient_context() -> Iterator[None]:
     """Enable autograd even inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without either."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 @contextlib.contextmanager

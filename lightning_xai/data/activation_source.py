@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.attribution.base import model_device, model_state_guard
 from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, resolve_layer, stop_after_calls
 from lightning_xai.batch import BatchReader
 from lightning_xai.checks import check_bool, check_choice, check_int
@@ -40,7 +40,6 @@ from lightning_xai.data.activation_batch import (
 )
 from lightning_xai.data.frozen_model import (
     _layers_with_token_outputs,
-    _model_device,
     _model_pad_token,
     load_weights,
     model_fingerprint,
@@ -147,7 +146,7 @@ class ActivationSource(nn.Module):
         removed afterwards, also on error.
         """
         self._check_inputs(images)
-        images = images.to(_model_device(self.model))
+        images = images.to(model_device(self.model))
         stop_early = self.stop_at_layer and self._calls is not None
         with (
             torch.no_grad(),
@@ -441,7 +440,7 @@ class ActivationSource(nn.Module):
         with the layer's output replaced: ``"zero"`` (zero-ablation) or a function of the *vectors*
         (:meth:`splice`). For ``spatial="tokens"`` both act on the real positions only (padding given by
         ``pad_token`` and ``attention_mask``); padding positions keep the layer's own output."""
-        images = images.to(_model_device(self.model))
+        images = images.to(model_device(self.model))
         if self._calls is None:
             self.layer_output(images[:1])
         mask = self.token_mask(images, attention_mask)

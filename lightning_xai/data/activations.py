@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from lightning_xai.attribution.base import model_device
 from lightning_xai.batch import BatchReader, Key
 from lightning_xai.checks import check_bool, check_int
 from lightning_xai.data.activation_batch import ActivationBatch, _attention_mask_of, as_activation_batch, batch_extras
@@ -71,7 +72,7 @@ from lightning_xai.data.activation_source import (
     ActivationSource,
     find_activation_source,
 )
-from lightning_xai.data.frozen_model import _model_device, load_weights, model_fingerprint
+from lightning_xai.data.frozen_model import load_weights, model_fingerprint
 from lightning_xai.distributed import Reducer, default_reducer, rank_and_world_size
 from lightning_xai.namespace import pl
 
@@ -306,10 +307,10 @@ class ActivationDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is not None:
             return trainer.strategy.root_device
-        return _model_device(self.source.model)
+        return model_device(self.source.model)
 
     def _place_source(self, device: torch.device) -> None:
-        if self.source.device != device or _model_device(self.source.model) != device:
+        if self.source.device != device or model_device(self.source.model) != device:
             self.source.to(device)
 
     def prepare_data(self) -> None:

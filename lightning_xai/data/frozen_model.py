@@ -1,5 +1,5 @@
-"""The frozen model behind an activation source: its weights (loaded, fingerprinted), its device, and what the
-source asks of it (a declared padding id, which layers emit token sequences).
+"""The frozen model behind an activation source: its weights (loaded, fingerprinted) and what the source asks of
+it (a declared padding id, which layers emit token sequences).
 
 Used by :class:`~lightning_xai.data.activation_source.ActivationSource` and the activation cache (the fingerprint
 is the cache key); split from ``lightning_xai.data.activation_source``, which re-exports the public names.
@@ -55,14 +55,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
                 state = stripped
                 break
     model.load_state_dict(state, strict=True)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _model_pad_token(model: nn.Module) -> int | None:

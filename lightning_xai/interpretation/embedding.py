@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.attribution.base import model_device, model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.attribution.token_grid import Reshape, check_reshape
 from lightning_xai.batch import BatchReader
@@ -63,15 +63,6 @@ Data = Tensor | tuple[Tensor, Tensor] | Dataset | Iterable[Any]
 #: How a dataset item or a batch is read: a tensor is the input, a tuple ``(x, y, ...)``, a dict or an object
 #: with the keys of :mod:`lightning_xai.batch` (``"image"``, ``"inputs"``, ..., ``"label"``, ``"y"``, ...).
 _READER = BatchReader()
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model without either."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _split(item: Any) -> tuple[Tensor, Tensor | None]:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_xai.attribution.base import model_device
 from lightning_xai.attribution.layers import capture_layer, forward_until_stopped, stop_after_calls
 from lightning_xai.attribution.token_grid import MAX_PREFIX_TOKENS, Reshape, infer_grid, token_grid
 from lightning_xai.batch import BatchReader
@@ -278,7 +279,7 @@ class LayerReader:
         self.reshape = reshape
         self.owner = owner
         self.calls: int | None = None
-        self.device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+        self.device = model_device(model)
 
     def _run(self, images: Tensor, stop_after: int | None) -> tuple[Tensor, int]:
         with capture_layer(self.model, self.layer) as capture:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import gradient_context, model_state_guard
+from lightning_xai.attribution.base import gradient_context, model_device, model_state_guard
 from lightning_xai.attribution.layers import capture_layer, resolve_layer
 from lightning_xai.checks import check_choice, check_int
 
@@ -304,7 +304,7 @@ def measure_receptive_field(
     num_samples = check_int("num_samples", num_samples, minimum=1, owner="measure_receptive_field")
     c, h, w = _input_shape(input_shape)
     name = "" if layer is None else resolve_layer(model, layer)[0]
-    device = _device(model)
+    device = model_device(model)
     g = torch.Generator().manual_seed(seed)
     with model_state_guard(model), gradient_context():
         x = torch.randn(num_samples, c, h, w, generator=g).to(device).requires_grad_(True)
@@ -422,14 +422,9 @@ def _input_shape(input_shape: Any) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _layer_size(model: nn.Module, name: str, input_shape: tuple[int, int, int]) -> tuple[int, int] | None:
     with model_state_guard(model), torch.no_grad():
-        x = torch.zeros(1, *input_shape, device=_device(model))
+        x = torch.zeros(1, *input_shape, device=model_device(model))
         if name:
             with capture_layer(model, name) as capture:
                 model(x)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_xai.attribution.base import model_state_guard
+from lightning_xai.attribution.base import model_device, model_state_guard
 from lightning_xai.attribution.layers import resolve_layer
 from lightning_xai.batch import BatchReader
 from lightning_xai.checks import check_choice
@@ -50,7 +50,7 @@ def pooled_activations(
     activations, concepts = [], []
     handle = module.register_forward_hook(hook)
     try:
-        device = next(iter(model.parameters())).device
+        device = model_device(model)
         with model_state_guard(model), torch.no_grad():
             for batch in _loader_from(data, split):
                 labels = reader.concepts(batch, required=True)
