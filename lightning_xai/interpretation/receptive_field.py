@@ -308,12 +308,7 @@ def measure_receptive_field(
     g = torch.Generator().manual_seed(seed)
     with model_state_guard(model), gradient_context():
         x = torch.randn(num_samples, c, h, w, generator=g).to(device).requires_grad_(True)
-        if name:
-            with capture_layer(model, name) as capture:
-                model(x)
-            act = capture.activation
-        else:
-            act = model(x)
+        act = _output_at(model, name, x)
         if not isinstance(act, Tensor) or act.ndim != 4:
             shape = list(act.shape) if isinstance(act, Tensor) else type(act).__name__
             where = name or "the output"
@@ -422,13 +417,16 @@ def _input_shape(input_shape: Any) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _output_at(model: nn.Module, name: str, x: Tensor) -> Any:
+    """The output of layer ``name`` (its last call) on ``x``, or the model's output for ``name=""``."""
+    if not name:
+        return model(x)
+    with capture_layer(model, name) as capture:
+        model(x)
+    return capture.activation
+
+
 def _layer_size(model: nn.Module, name: str, input_shape: tuple[int, int, int]) -> tuple[int, int] | None:
     with model_state_guard(model), torch.no_grad():
-        x = torch.zeros(1, *input_shape, device=model_device(model))
-        if name:
-            with capture_layer(model, name) as capture:
-                model(x)
-            act = capture.activation
-        else:
-            act = model(x)
+        act = _output_at(model, name, torch.zeros(1, *input_shape, device=model_device(model)))
     return (int(act.shape[-2]), int(act.shape[-1])) if isinstance(act, Tensor) and act.ndim == 4 else None
